@@ -1,0 +1,127 @@
+"""The command line: parse flags, call one function per command, map errors to exit codes. No logic.
+
+Exit codes: 0 success, 1 the work itself failed (blowup flagged, every trial diverged, NaN loss),
+2 bad input (recipe, flags, factories, data), 130 interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="muTransfer by the spectral rule: tune on a narrow proxy, transfer zero-shot to a wide target.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            err.print(f"[red]error:[/] {e.where}: {e.message}" if e.where else f"[red]error:[/] {e.message}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+    return wrapper
+
+
+def _recipe(path: Path):
+    from .recipe import load_recipe
+
+    return load_recipe(path)
+
+
+def _not_built(name: str):
+    raise UserError("", f"`mutransfer {name}` is not built yet")
+
+
+@app.command()
+@handle_errors
+def tune(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    trials: Optional[int] = typer.Option(None, help="finished trials wanted (overrides search.trials)"),
+    width: Optional[int] = typer.Option(None, help="proxy width to tune at (default: widths.proxy)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in runs/<name>/)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default: the recipe's name)"),
+    workers: int = typer.Option(1, help="local worker processes sharing the storage"),
+    out: Optional[Path] = typer.Option(None, help="hparams file to write (default runs/<name>/hparams.yaml)"),
+    plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
+):
+    """Optuna search of LR and init multipliers on the proxy, under muP."""
+    _recipe(recipe)
+    _not_built("tune")
+
+
+@app.command()
+@handle_errors
+def scale(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    hparams: Optional[Path] = typer.Option(None, help="tuned hparams file (default runs/<name>/hparams.yaml)"),
+    width: Optional[int] = typer.Option(None, help="target width (default: widths.target)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: train.steps)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model"),
+    fsdp: bool = typer.Option(False, "--fsdp", help="FSDP2 under torchrun (default DDP)"),
+    checkpoint_every: int = typer.Option(0, help="checkpoint every N steps (0: only at the end)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint"),
+    out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>/scale-<width>/)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the per-parameter plan and cost; train nothing"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="with --dry-run: write the plan as JSON"),
+):
+    """Rescale every layer by the spectral rule and train the wide target."""
+    from .explain import explain, render, write_json
+
+    r = _recipe(recipe)
+    w = width if width is not None else r.widths.target
+    if w <= 0:
+        raise UserError("--width", "must be > 0")
+    if dry_run:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan, shapes, cost = explain(r, w)
+        render(plan, cost, shapes.unknown)
+        if json_path:
+            write_json(plan, cost, json_path)
+        return
+    _not_built("scale")
+
+
+@app.command("coord-check")
+@handle_errors
+def coord_check(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    widths: Optional[str] = typer.Option(None, help="comma-separated widths, e.g. 64,128,256,512"),
+    steps: Optional[int] = typer.Option(None, help="training steps measured (t = 0..N)"),
+    seeds: Optional[int] = typer.Option(None, help="seeds averaged"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | adam | adamw (default: the recipe's)"),
+    parametrization: str = typer.Option("mup", help="mup | sp (the control)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the measurements and verdict as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per statistic"),
+):
+    """Train at several widths for a few steps and flag activations or updates that blow up."""
+    _recipe(recipe)
+    _not_built("coord-check")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""From a recipe to the things a command trains: factories, data streams, the parametrized model and
+the TrainConfig. Every command goes through here and then through train.train()."""
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from .data import BUILTIN_DATA
+from .errors import UserError
+from .hparams import HParams
+from .models import BUILTIN_MODELS
+from .parametrize import Parametrized, parametrize
+from .plan import MUP
+from .recipe import Recipe, accepts, resolve_factory
+from .shapes import Shapes, infer_shapes
+from .train import TrainConfig
+
+
+def model_factory(recipe: Recipe) -> Callable:
+    fn = resolve_factory(recipe.model.factory, "model.factory", BUILTIN_MODELS)
+    if not accepts(fn, "width"):
+        raise UserError("model.factory", f"{recipe.model.factory!r} does not take a `width` argument")
+    return fn
+
+
+def data_factory(recipe: Recipe) -> Callable:
+    fn = resolve_factory(recipe.data.factory, "data.factory", BUILTIN_DATA)
+    for a in ("batch_size", "seed"):
+        if not accepts(fn, a):
+            raise UserError("data.factory", f"{recipe.data.factory!r} does not take a `{a}` argument")
+    return fn
+
+
+def data_stream(recipe: Recipe, split: str, seed: int, batch_size: Optional[int] = None) -> Iterator:
+    """An infinite iterator of (inputs, targets); split is passed when the factory takes it."""
+    fn = data_factory(recipe)
+    kw: dict[str, Any] = dict(recipe.data.args)
+    if accepts(fn, "split"):
+        kw["split"] = split
+    elif split == "val":
+        seed = seed + 1_000_003  # no split support: a disjoint-seeded stream stands in for validation
+    try:
+        it = iter(fn(batch_size=batch_size or recipe.train.batch_size, seed=seed, **kw))
+    except UserError:
+        raise
+    except TypeError as e:
+        raise UserError("data.args", f"data factory call failed: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError("data", f"data factory failed: {type(e).__name__}: {e}") from None
+    return it
+
+
+def first_batch(it: Iterator, where: str = "data") -> tuple:
+    try:
+        b = next(it)
+    except StopIteration:
+        raise UserError(where, "the data iterator is empty (it must be infinite)") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(where, f"the data iterator failed: {type(e).__name__}: {e}") from None
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(torch.is_tensor(t) for t in b)):
+        raise UserError(where, "each batch must be a pair of tensors (inputs, targets)")
+    return tuple(b)
+
+
+def val_batches(recipe: Recipe, n: int, seed: int = 0, batch_size: Optional[int] = None) -> list:
+    """A fixed list of validation batches (the same at every width and trial)."""
+    it = data_stream(recipe, "val", seed, batch_size)
+    return [first_batch(it, "data")] + [next(it) for _ in range(n - 1)]
+
+
+def train_config(recipe: Recipe, device: str = "cpu", steps: Optional[int] = None, **over) -> TrainConfig:
+    t = recipe.train
+    cfg = TrainConfig(
+        steps=steps or t.steps, loss=recipe.loss, schedule=t.schedule, warmup=t.warmup,
+        min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=t.grad_accum,
+        eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every, device=device,
+    )
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def shapes_for(recipe: Recipe, width: int) -> Shapes:
+    return infer_shapes(model_factory(recipe), recipe.model.args, recipe.widths.proxy, width, recipe.layouts)
+
+
+def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
+          seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None) -> Parametrized:
+    """The parametrized model at `width` for this recipe, relative to its proxy width."""
+    hp = hparams or HParams.from_train(recipe.train)
+    return parametrize(
+        model_factory(recipe), width, base_width or recipe.widths.proxy, hp, recipe.train.optimizer,
+        recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
+    )
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device", "cuda requested but no GPU is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError("--device", f"unknown device {device!r}; expected auto, cpu or cuda")
+    return device
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be checked without training: factories, shapes at both widths, one batch."""
+    shapes_for(recipe, recipe.widths.target)
+    it = data_stream(recipe, "train", recipe.train.seed, batch_size=2)
+    first_batch(it)

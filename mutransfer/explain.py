@@ -1,0 +1,113 @@
+"""`scale --dry-run`: the plan at a width, as a rich table and JSON, with the target's cost.
+
+Nothing real is built: shapes come from meta-device models and FLOPs from torch's FlopCounterMode run
+on meta tensors (so a 10B target costs no memory)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .experiment import data_stream, first_batch, model_factory
+from .hparams import HParams
+from .plan import Plan, make_plan
+from .recipe import Recipe
+from .shapes import build_meta, infer_shapes
+from .train import loss_fn
+
+
+@dataclass
+class Cost:
+    params: int
+    flops_per_step: Optional[float]   # forward + backward, whole optimizer step (all micro-batches)
+    memory_bytes: int                 # fp32 weights + grads + optimizer state
+
+
+def optimizer_state_floats(optimizer: str, momentum: float) -> int:
+    if optimizer in ("adam", "adamw"):
+        return 2
+    return 1 if momentum else 0
+
+
+def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
+    n = plan.numel
+    mem = n * 4 * (2 + optimizer_state_floats(recipe.train.optimizer, recipe.train.momentum))
+    flops = None
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
+        model = build_meta(model_factory(recipe), width, recipe.model.args)
+        xm, ym = x.to("meta"), y.to("meta")
+        with FlopCounterMode(display=False) as fc:
+            out = model(xm)
+            loss_fn(recipe.loss, out, ym).backward()
+        flops = float(fc.get_total_flops()) * recipe.train.grad_accum
+    except Exception:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
+        flops = None
+    return Cost(n, flops, mem)
+
+
+def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup"):
+    hp = hparams or HParams.from_train(recipe.train)
+    shapes = infer_shapes(model_factory(recipe), recipe.model.args, recipe.widths.proxy, width, recipe.layouts)
+    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization)
+    return plan, shapes, estimate_cost(recipe, plan, width)
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.3g}"
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}E{unit}"
+
+
+def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console] = None) -> None:
+    console = console or Console()
+    t = Table(title=f"spectral plan: width {plan.base_width} -> {plan.width} ({plan.optimizer})", show_lines=False)
+    for col in ("parameter", "proxy shape -> shape", "role", "fan_in", "fan_out", "init std", "lr", "wd", "eps", "note"):
+        t.add_column(col, overflow="fold")
+    for p in plan.params.values():
+        shape = f"{tuple(p.base_shape)} -> {tuple(p.shape)}"
+        std = _fmt(p.init_std) if p.init_std is not None else "keep"
+        t.add_row(p.name, shape, p.role, str(p.fan_in), str(p.fan_out), std, _fmt(p.lr), _fmt(p.weight_decay),
+                  _fmt(p.eps), p.note or "")
+    console.print(t)
+    for m, v in plan.readout_multipliers.items():
+        console.print(f"[cyan]tied readout[/] {m}: input multiplied by {v:.4g} in the forward pass")
+    for n in plan.notes:
+        console.print(f"[yellow]note[/] {n}")
+    if unknown:
+        console.print(f"[yellow]warning[/] parameters of no known module, classified by shape: {', '.join(unknown)}"
+                      " (declare them under `layouts:` if wrong)")
+    flops = human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None else "n/a (model does not trace on meta)"
+    console.print(
+        f"[bold]target[/]: {cost.params:,} parameters ({human(cost.params)}), "
+        f"~{flops} per training step, "
+        f"{cost.memory_bytes / 2**30:.3g} GiB for fp32 weights + grads + optimizer state"
+    )
+
+
+def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
+    d = plan.to_json()
+    d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    tmp.replace(p)

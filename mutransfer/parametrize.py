@@ -1,0 +1,147 @@
+"""Apply a plan to a real model: initialise it, attach tied-readout multipliers, build the optimizer.
+
+    model, optimizer, plan = mutransfer.parametrize(factory, width=1024, base_width=128,
+                                                    hparams=HParams(lr=3e-3), optimizer="adamw")
+
+The plan is returned as plain data; nothing is stored on tensors, so the model works unchanged with
+DDP, FSDP2 (build the optimizer after sharding with `param_groups`) and torch.compile.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .hparams import HParams
+from .plan import MUP, Plan, make_plan
+from .shapes import infer_shapes
+
+
+@dataclass
+class Parametrized:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+
+    def __iter__(self):  # model, optimizer, plan = parametrize(...)
+        return iter((self.model, self.optimizer, self.plan))
+
+
+def build_model(factory: Callable, width: int, args: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    try:
+        with torch.device(device):
+            model = factory(width=width, **args)
+    except Exception as e:  # noqa: BLE001
+        raise UserError("model", f"factory failed at width {width}: {type(e).__name__}: {e}") from None
+    return model
+
+
+@torch.no_grad()
+def init_model(model: nn.Module, plan: Plan, seed: int = 0) -> None:
+    """Initialise every parameter as the plan says, in name order, from a generator seeded by `seed`."""
+    params = dict(model.named_parameters())
+    missing = set(plan.params) - set(params)
+    if missing:
+        raise ValueError(f"plan names parameters the model lacks: {sorted(missing)[:5]}")
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in sorted(params.items()):
+        pp = plan.params[name]
+        if pp.init == "keep":
+            continue
+        if pp.init == "zeros":
+            p.zero_()
+        elif pp.init == "ones":
+            p.fill_(1.0)
+        else:
+            dev = p.device
+            if dev not in gens:
+                gens[dev] = torch.Generator(device=dev)
+            g = gens[dev]
+            g.manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
+            p.normal_(0.0, pp.init_std, generator=g)
+
+
+def _stable_hash(s: str) -> int:
+    h = 1469598103934665603
+    for ch in s.encode():
+        h = ((h ^ ch) * 1099511628211) % (2**64)
+    return h
+
+
+def attach_readout_multipliers(model: nn.Module, plan: Plan) -> list:
+    """Tied embedding/readout: the readout's input is multiplied by the plan's multiplier in the
+    forward pass (a forward pre-hook), since one tensor cannot carry two init rules."""
+    handles = []
+    modules = dict(model.named_modules())
+    for mod_name, mult in plan.readout_multipliers.items():
+        handles.append(modules[mod_name].register_forward_pre_hook(_Scale(mult)))
+    return handles
+
+
+class _Scale:
+    def __init__(self, m: float):
+        self.m = float(m)
+
+    def __call__(self, module, args):
+        return (args[0] * self.m,) + tuple(args[1:])
+
+
+def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
+    """Optimizer parameter groups: parameters sharing (lr, weight_decay, eps) go in one group, so
+    fused/foreach kernels see few groups. Each group carries `initial_lr` for schedules and the names
+    of its parameters under `names`."""
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        pp = plan.params[name]
+        key = (pp.lr, pp.weight_decay, pp.eps)
+        g = groups.setdefault(key, {"params": [], "names": [], "lr": pp.lr, "initial_lr": pp.lr,
+                                    "weight_decay": pp.weight_decay})
+        if pp.eps is not None:
+            g["eps"] = pp.eps
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Optional[torch.device] = None,
+                   fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    if fused is None:
+        fused = device is not None and torch.device(device).type == "cuda"
+    kw: dict[str, Any] = {}
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    if fused:
+        kw["fused"] = True
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, **kw)
+
+
+def parametrize(
+    factory: Callable,
+    width: int,
+    base_width: int,
+    hparams: Optional[HParams] = None,
+    optimizer: str = "adamw",
+    args: Optional[dict[str, Any]] = None,
+    layouts: Optional[dict[str, str]] = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    parametrization: str = MUP,
+) -> Parametrized:
+    """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
+    `base_width`, and return it with its optimizer and per-parameter plan."""
+    hp = hparams or HParams()
+    args = args or {}
+    shapes = infer_shapes(factory, args, base_width, width, layouts)
+    plan = make_plan(shapes, hp, optimizer, parametrization)
+    torch.manual_seed(seed)
+    model = build_model(factory, width, args, device)
+    init_model(model, plan, seed)
+    attach_readout_multipliers(model, plan)
+    opt = make_optimizer(param_groups(model, plan), optimizer, hp, device)
+    return Parametrized(model, opt, plan)

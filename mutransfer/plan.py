@@ -1,0 +1,146 @@
+"""The plan: for every parameter, its init and optimizer settings at one width, as plain data.
+
+Transfer is relative to the proxy: at the proxy width each weight's init std is the spectral rule's
+formula times the tunable multipliers, and every LR, eps and weight decay is the global value times its
+multipliers; at any other width each is the proxy's value times the rule's ratio (spectral.ratios).
+Nothing is attached to tensors; the plan is keyed by parameter name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from . import spectral
+from .hparams import HParams
+from .shapes import Shapes
+
+MUP, SP = "mup", "sp"
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    name: str
+    shape: tuple[int, ...]
+    base_shape: tuple[int, ...]
+    role: str
+    kind: str
+    fan_in: int
+    fan_out: int
+    init: str            # normal | zeros | ones | keep
+    init_std: Optional[float]   # std of the initial distribution (0 for constants, None for keep)
+    lr: float
+    weight_decay: float
+    eps: Optional[float]        # None for SGD
+    note: Optional[str] = None
+
+
+@dataclass
+class Plan:
+    width: int
+    base_width: int
+    optimizer: str
+    parametrization: str
+    params: dict[str, ParamPlan]
+    # readout module name -> forward multiplier on its input (tied embedding / readout)
+    readout_multipliers: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "width": self.width,
+            "base_width": self.base_width,
+            "optimizer": self.optimizer,
+            "parametrization": self.parametrization,
+            "params": [
+                {
+                    "name": p.name,
+                    "shape": list(p.shape),
+                    "base_shape": list(p.base_shape),
+                    "role": p.role,
+                    "fan_in": p.fan_in,
+                    "fan_out": p.fan_out,
+                    "init_std": p.init_std,
+                    "lr": p.lr,
+                    "weight_decay": p.weight_decay,
+                    "eps": p.eps,
+                    "init": p.init,
+                    "note": p.note,
+                }
+                for p in self.params.values()
+            ],
+            "readout_multipliers": dict(self.readout_multipliers),
+            "notes": list(self.notes),
+        }
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(p.shape) for p in self.params.values())
+
+
+def _init_kind(kind: str, layout: str, role: str, zero_readout: bool) -> str:
+    if kind == "bias":
+        return "zeros"
+    if kind == "gain":
+        return "ones"
+    if kind == "raw" and layout in ("vector", "fixed"):
+        return "keep"
+    if zero_readout and role == "output":
+        return "zeros"
+    return "normal"
+
+
+def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP) -> Plan:
+    """The per-parameter plan at shapes.width, relative to shapes.base_width.
+
+    parametrization="sp" is the control used by coord-check and sweep: identical at the proxy width,
+    elsewhere init std ~ 1/sqrt(fan_in) from the proxy's and LR, eps, weight decay fixed."""
+    if optimizer not in spectral.OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    if parametrization not in (MUP, SP):
+        raise ValueError(f"unknown parametrization {parametrization!r}")
+    adam = optimizer in (spectral.ADAM, spectral.ADAMW)
+    tied_params = set(shapes.tied_readouts.values())
+    out: dict[str, ParamPlan] = {}
+    notes: list[str] = []
+    for name, s in shapes.params.items():
+        role = s.role
+        base_fans, fans = (s.base_fan_in, s.base_fan_out), (s.fan_in, s.fan_out)
+        if parametrization == MUP:
+            std_r, lr_r, eps_r = spectral.ratios(base_fans, fans, optimizer)
+        else:
+            std_r, lr_r, eps_r = math.sqrt(s.base_fan_in / s.fan_in), 1.0, 1.0
+        m = hp.mult(role, "mult")
+        init = _init_kind(s.kind, s.layout, role, hp.zero_readout and name not in tied_params)
+        if init == "normal":
+            std = spectral.init_std(*base_fans) * hp.init_scale * hp.mult(role, "init") * m * std_r
+        elif init in ("zeros", "ones"):
+            std = 0.0
+        else:
+            std = None
+        lr = hp.lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r
+        eps = hp.eps * eps_r / m if adam else None
+        # independent decay; under SP lr is the proxy's, so this is the proxy's decay as well
+        wd = spectral.independent_weight_decay(hp.weight_decay, hp.lr, lr)
+        note = spectral.mup_departure(role, *fans) or spectral.mup_departure(role, *base_fans)
+        if name in tied_params:
+            note = "tied: embedding rule; readout multiplier applied in the forward pass"
+        out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
+                              init, std, lr, wd, eps, note)
+
+    readout_mults: dict[str, float] = {}
+    for mod_name, pname in shapes.tied_readouts.items():
+        s = shapes.params[pname]
+        # the readout uses the table as a (vocab x d) matrix: fan_in d, fan_out vocab
+        vocab, d = s.shape[0], s.shape[-1]
+        bvocab, bd = s.base_shape[0], s.base_shape[-1]
+        emb_base = spectral.init_std(1, bd)
+        read_base = spectral.init_std(bd, bvocab)
+        if parametrization == MUP:
+            ratio = (spectral.init_std(d, vocab) / read_base) / (spectral.init_std(1, d) / emb_base)
+        else:
+            ratio = 1.0
+        readout_mults[mod_name] = (read_base / emb_base) * hp.mult("output", "init") * hp.mult("output", "mult") * ratio
+        if hp.zero_readout:
+            notes.append(f"zero_readout ignored for {mod_name}: its weight is tied to embedding {pname}")
+    return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes)

@@ -1,0 +1,267 @@
+"""Recipes: YAML files describing model, data, widths and training, validated strictly.
+
+Every mistake raises `UserError` naming the field path (e.g. `train.lr`). Unknown keys are errors.
+Later sections (search, coord_check, sweep) are declared here too so that one schema documents all.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
+
+LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FactorySpec(_Strict):
+    factory: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        if not (v.startswith("builtin:") or ":" in v):
+            raise ValueError("must be 'builtin:NAME' or 'package.module:function'")
+        return v
+
+
+class Widths(_Strict):
+    proxy: int = Field(gt=0)
+    target: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Widths":
+        if self.proxy > self.target:
+            raise ValueError(f"proxy width ({self.proxy}) is above target width ({self.target})")
+        return self
+
+
+class Train(_Strict):
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    init_scale: float = Field(default=1.0, gt=0)
+    multipliers: dict[str, float] = Field(default_factory=dict)
+    zero_readout: bool = False
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_clip: Optional[float] = Field(default=None, gt=0)
+    grad_accum: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    eval_batches: int = Field(default=4, ge=1)
+    log_every: int = Field(default=10, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        for b in v:
+            if not 0 <= b < 1:
+                raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("multipliers")
+    @classmethod
+    def _mults(cls, v: dict[str, float]):
+        for k, x in v.items():
+            if k not in MULTIPLIER_NAMES:
+                raise ValueError(f"unknown multiplier {k!r}; known: {', '.join(MULTIPLIER_NAMES)}")
+            if not x > 0:
+                raise ValueError(f"multiplier {k} must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "Train":
+        if self.warmup >= self.steps and self.warmup > 0:
+            raise ValueError(f"warmup ({self.warmup}) must be below steps ({self.steps})")
+        return self
+
+
+class Range(_Strict):
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Range":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError("needs low and high (or choices)")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+        return self
+
+
+class Search(_Strict):
+    trials: int = Field(default=20, gt=0)
+    params: dict[str, Range] = Field(default_factory=dict)
+    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seeds: int = Field(default=1, gt=0)
+    sampler_seed: Optional[int] = None
+    divergence_factor: float = Field(default=3.0, gt=1)
+
+    @field_validator("params")
+    @classmethod
+    def _names(cls, v: dict[str, Range]):
+        for k in v:
+            if k not in TUNABLE_NAMES:
+                raise ValueError(f"unknown tunable {k!r}; known: {', '.join(TUNABLE_NAMES)}")
+        return v
+
+
+class CoordCheck(_Strict):
+    widths: Optional[list[int]] = None
+    steps: int = Field(default=5, gt=0)
+    seeds: int = Field(default=3, gt=0)
+    lr: Optional[float] = Field(default=None, gt=0)
+    batch_size: Optional[int] = Field(default=None, gt=0)
+
+    @field_validator("widths")
+    @classmethod
+    def _w(cls, v):
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("needs at least 2 widths")
+            if any(w <= 0 for w in v):
+                raise ValueError("widths must be > 0")
+        return v
+
+
+class Sweep(_Strict):
+    widths: Optional[list[int]] = None
+    lrs: Optional[list[float]] = None
+    seeds: int = Field(default=1, gt=0)
+    steps: Optional[int] = Field(default=None, gt=0)
+
+
+class Recipe(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: FactorySpec
+    data: FactorySpec
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    widths: Widths
+    train: Train
+    layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed"]] = Field(
+        default_factory=dict
+    )
+    search: Search = Field(default_factory=Search)
+    coord_check: CoordCheck = Field(default_factory=CoordCheck)
+    sweep: Sweep = Field(default_factory=Sweep)
+
+    # where the recipe came from (not a YAML key)
+    _path: Optional[Path] = None
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc) or "(top level)"
+
+
+def _first_error(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    msg = msg.removeprefix("Value error, ")
+    return _format_loc(loc), msg
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(source, "a recipe must be a YAML mapping")
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        where, msg = _first_error(e)
+        raise UserError(f"{source}: {where}", msg) from None
+    return r
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(str(p), "recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise UserError(where, f"unreadable YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(str(p), f"cannot read file ({e})") from None
+    r = parse_recipe(data, str(p))
+    r._path = p
+    return r
+
+
+def resolve_factory(spec: str, field: str, builtins: dict[str, Callable]) -> Callable:
+    """'builtin:NAME' or 'package.module:function' -> the callable (cwd is on sys.path)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in builtins:
+            raise UserError(field, f"unknown builtin {name!r}; known: {', '.join(sorted(builtins))}")
+        return builtins[name]
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise UserError(field, f"{spec!r} is not 'package.module:function'")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        raise UserError(field, f"cannot import module {mod_name!r} ({type(e).__name__}: {e})") from None
+    obj = mod
+    for part in fn_name.split("."):
+        if not hasattr(obj, part):
+            raise UserError(field, f"module {mod_name!r} has no attribute {fn_name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(field, f"{spec!r} is not callable")
+    return obj
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    return name in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    return r.model_dump(mode="json")

@@ -1,0 +1,83 @@
+"""The spectral scaling rule (Yang, Simon & Bernstein, "A Spectral Condition for Feature Learning",
+Parametrization 1), as pure functions of a weight's fans.
+
+Every weight W is treated as a (fan_out x fan_in) matrix. The rule asks that ||W||_2 and ||dW||_2 be
+Theta(sqrt(fan_out / fan_in)); Parametrization 1 achieves it with
+
+    init std   sigma  ~  min(1, sqrt(fan_out / fan_in)) / sqrt(fan_in)
+    SGD  LR    eta    ~  fan_out / fan_in
+    Adam LR    eta    ~  1 / fan_in           (Adam's update has entries Theta(lr), so ||dW||_2 ~ lr*sqrt(out*in))
+    Adam eps          ~  1 / fan_out          (gradient entries are Theta(1/fan_out) for dense inputs)
+
+One-hot inputs (embedding tables) have fan_in 1; biases and norm gains are fan_in-1 matrices.
+No layer is special. Only ratios between two widths are ever used: at the proxy width the model is
+the tuned standard model, at any other width each quantity is multiplied by rule(width)/rule(proxy).
+
+This module imports nothing from torch on purpose: check it against the paper in a minute.
+"""
+from __future__ import annotations
+
+import math
+
+SGD = "sgd"
+ADAM = "adam"
+ADAMW = "adamw"
+OPTIMIZERS = (SGD, ADAM, ADAMW)
+
+
+def _check(fan_in: int, fan_out: int) -> None:
+    if fan_in < 1 or fan_out < 1:
+        raise ValueError(f"fans must be >= 1, got fan_in={fan_in}, fan_out={fan_out}")
+
+
+def init_std(fan_in: int, fan_out: int) -> float:
+    """sigma = min(1, sqrt(fan_out/fan_in)) / sqrt(fan_in)."""
+    _check(fan_in, fan_out)
+    return min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+
+
+def lr_scale(fan_in: int, fan_out: int, optimizer: str) -> float:
+    """Width-dependence of the learning rate: fan_out/fan_in for SGD, 1/fan_in for Adam(W)."""
+    _check(fan_in, fan_out)
+    if optimizer == SGD:
+        return fan_out / fan_in
+    if optimizer in (ADAM, ADAMW):
+        return 1.0 / fan_in
+    raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+
+
+def eps_scale(fan_in: int, fan_out: int) -> float:
+    """Width-dependence of Adam's epsilon: it must shrink like the gradient entries, 1/fan_out."""
+    _check(fan_in, fan_out)
+    return 1.0 / fan_out
+
+
+def mup_departure(role: str, fan_in: int, fan_out: int) -> str | None:
+    """Where the min(1, .) makes this rule differ from classic muP (Tensor Programs V, Table 3), say how.
+
+    Classic muP assumes the fixed dimension is the small one: input layers have fan_out >= fan_in and
+    output layers fan_out <= fan_in. When a fixed dimension is larger than the width (a vocabulary above
+    the proxy width, a wide input), the spectral rule takes the other branch of min(1, .)."""
+    if role == "output" and fan_out > fan_in:
+        return "fan_out > fan_in: init std ~ 1/sqrt(fan_in), not muP's 1/fan_in"
+    if role == "input" and fan_in > 1 and fan_out < fan_in:
+        return "fan_out < fan_in: init std ~ sqrt(fan_out)/fan_in, not muP's constant"
+    return None
+
+
+def ratios(base: tuple[int, int], new: tuple[int, int], optimizer: str) -> tuple[float, float, float]:
+    """(init std, LR, eps) at fans `new` divided by the same at fans `base`; each a (fan_in, fan_out)."""
+    return (
+        init_std(*new) / init_std(*base),
+        lr_scale(*new, optimizer) / lr_scale(*base, optimizer),
+        eps_scale(*new) / eps_scale(*base),
+    )
+
+
+def independent_weight_decay(weight_decay: float, global_lr: float, group_lr: float) -> float:
+    """Decay coefficient for a group whose LR is `group_lr`, such that the per-step decay factor
+    group_lr * wd_group equals global_lr * weight_decay at every width ("independent" decay):
+    torch's AdamW multiplies parameters by (1 - lr * wd) each step."""
+    if group_lr == 0.0:
+        return 0.0
+    return weight_decay * global_lr / group_lr

@@ -1,0 +1,189 @@
+"""The one training loop. tune, scale, coord-check and sweep all train through `train()`.
+
+It owns: the LR schedule (warmup, then constant / cosine / linear decay, applied to every group's
+`initial_lr` so the muP ratios between groups are kept), gradient accumulation and clipping, bf16
+autocast on GPU, periodic validation, divergence detection and callbacks. Commands add behaviour
+(pruning, coordinate measurements, checkpoints, metrics files) through callbacks, never a private loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def loss_fn(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "cross_entropy":
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
+    if name == "mse":
+        return F.mse_loss(output.float(), target.float().reshape(output.shape))
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Multiplier of every group's initial LR at optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)
+    t = min(1.0, (step - warmup) / span)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - t)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    loss: str = "cross_entropy"
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+    grad_accum: int = 1
+    eval_every: int = 0            # 0: only at the end (if a val source is given)
+    eval_batches: int = 4
+    log_every: int = 10
+    device: str = "cpu"
+    amp: Optional[bool] = None     # None: bf16 autocast on CUDA only
+    divergence_factor: Optional[float] = None   # stop when loss > factor * first loss
+    start_step: int = 0            # resume: steps already done (the data iterator is advanced by the caller)
+
+
+@dataclass
+class State:
+    """What callbacks see. `stop = True` (or a string reason) ends training after this step."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    step: int = 0                  # optimizer steps done
+    loss: float = float("nan")
+    val_loss: Optional[float] = None
+    lr: float = 0.0
+    first_loss: Optional[float] = None
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stop: Any = False
+    diverged: bool = False
+    reason: str = ""
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class Callback(Protocol):
+    def on_start(self, state: State) -> None: ...
+    def on_step(self, state: State) -> None: ...
+    def on_eval(self, state: State) -> None: ...
+    def on_end(self, state: State) -> None: ...
+
+
+def _call(callbacks, hook: str, state: State) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(state)
+
+
+def _to(batch, device):
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        x, y = _to(batch, device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        total += float(loss_fn(loss, out, y))
+        n += 1
+    model.train(was)
+    return total / max(1, n)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterator,
+    config: TrainConfig,
+    val_batches: Optional[list] = None,
+    callbacks: Iterable = (),
+    forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+) -> State:
+    """Train for config.steps optimizer steps (from config.start_step). Returns the final State.
+
+    `forward` replaces model(x) (e.g. a torch.compile'd module); `val_batches` is a fixed list of
+    validation batches. A NaN/inf loss, or a loss above divergence_factor x the first, stops training
+    with state.diverged set."""
+    callbacks = list(callbacks)
+    dev = config.device
+    amp = config.amp if config.amp is not None else torch.device(dev).type == "cuda"
+    fwd = forward or model
+    state = State(model, optimizer, config, step=config.start_step)
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    model.train()
+    _call(callbacks, "on_start", state)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    t_last, samples, tokens = time.perf_counter(), 0, 0
+    while state.step < config.steps and not state.stop:
+        f = lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        state.lr = f
+        total = 0.0
+        for _ in range(config.grad_accum):
+            x, y = _to(next(data), dev)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = fwd(x)
+            loss = loss_fn(config.loss, out, y) / config.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            samples += x.shape[0]
+            tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if not math.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            state.loss, state.diverged, state.stop = total, True, True
+            state.reason = f"loss became {total} at step {state.step + 1}"
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.loss = total
+        if state.first_loss is None:
+            state.first_loss = total
+        if config.divergence_factor and total > config.divergence_factor * state.first_loss and state.step > 1:
+            state.diverged, state.stop = True, True
+            state.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {state.first_loss:.4g}"
+        now = time.perf_counter()
+        if state.step % config.log_every == 0 or state.step == config.steps:
+            dt = max(now - t_last, 1e-9)
+            state.samples_per_s, state.tokens_per_s = samples / dt, tokens / dt
+            t_last, samples, tokens = now, 0, 0
+        state.val_loss = None
+        if val_batches and not state.diverged and (
+            (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
+        ):
+            state.val_loss = evaluate(model, val_batches, config.loss, dev, amp)
+            if not math.isfinite(state.val_loss):
+                state.diverged, state.stop = True, True
+                state.reason = f"validation loss became {state.val_loss} at step {state.step}"
+            _call(callbacks, "on_eval", state)
+        _call(callbacks, "on_step", state)
+    _call(callbacks, "on_end", state)
+    return state
