@@ -91,11 +91,13 @@ def shapes_for(recipe: Recipe, width: int) -> Shapes:
 
 
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
-          seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None) -> Parametrized:
-    """The parametrized model at `width` for this recipe, relative to its proxy width."""
+          seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None,
+          optimizer: Optional[str] = None) -> Parametrized:
+    """The parametrized model at `width` for this recipe, relative to its proxy width.
+    `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
     hp = hparams or HParams.from_train(recipe.train)
     return parametrize(
-        model_factory(recipe), width, base_width or recipe.widths.proxy, hp, recipe.train.optimizer,
+        model_factory(recipe), width, base_width or recipe.widths.proxy, hp, optimizer or recipe.train.optimizer,
         recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
     )
 
