@@ -119,6 +119,32 @@ def coord_check(
     _not_built("coord-check")
 
 
+@app.command()
+@handle_errors
+def sweep(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    widths: Optional[str] = typer.Option(None, help="comma-separated widths (default: proxy, 2x proxy, ... target)"),
+    lrs: Optional[str] = typer.Option(None, help="comma-separated values of the swept parameter (LRs by default)"),
+    lr_range: Optional[str] = typer.Option(None, help="LOW:HIGH:POINTS, log-spaced raw values, e.g. 1e-4:1e-1:8"),
+    param: Optional[str] = typer.Option(None, help="sweep this tunable multiplier instead of lr"),
+    parametrization: Optional[str] = typer.Option(None, help="mup | sp | both (default both)"),
+    seeds: Optional[int] = typer.Option(None, help="seeds averaged per grid point"),
+    steps: Optional[int] = typer.Option(None, help="training steps per point (default sweep.steps or train.steps)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch size (default sweep.batch_size or train.batch_size)"),
+    workers: int = typer.Option(1, help="parallel worker processes"),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write results, optima and drift as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per parametrization"),
+):
+    """Loss against LR at several widths, muP and SP: does the optimum stay put? (cached per point)"""
+    from .sweep import sweep_command
+
+    code = sweep_command(recipe, widths, lrs, lr_range, param, parametrization, seeds, steps, batch_size,
+                         workers, device, json_path, plot)
+    if code:
+        raise typer.Exit(code)
+
+
 def main():
     app()
 

@@ -158,6 +158,34 @@ class Sweep(_Strict):
     lrs: Optional[list[float]] = None
     seeds: int = Field(default=1, gt=0)
     steps: Optional[int] = Field(default=None, gt=0)
+    param: str = "lr"                                      # or a positive tunable (sweep.SWEEPABLE)
+    values: Optional[list[float]] = None                   # the grid when param is not lr
+    parametrization: Literal["mup", "sp", "both"] = "both"
+    batch_size: Optional[int] = Field(default=None, gt=0)  # default: train.batch_size
+    average_last: Optional[int] = Field(default=None, gt=0)  # steps averaged for the loss (default 10%, >= 5)
+    divergence_factor: float = Field(default=3.0, gt=1)
+
+    @field_validator("widths")
+    @classmethod
+    def _w(cls, v):
+        if v is not None and (not v or any(w <= 0 for w in v)):
+            raise ValueError("widths must be a non-empty list of integers > 0")
+        return v
+
+    @field_validator("lrs", "values")
+    @classmethod
+    def _pos(cls, v):
+        if v is not None and (not v or any(not x > 0 for x in v)):
+            raise ValueError("must be a non-empty list of numbers > 0")
+        return v
+
+    @field_validator("param")
+    @classmethod
+    def _param(cls, v):
+        ok = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
+        if v not in ok:
+            raise ValueError(f"cannot sweep {v!r}; sweepable: {', '.join(ok)}")
+        return v
 
 
 class Recipe(_Strict):
