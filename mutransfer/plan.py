@@ -90,6 +90,18 @@ def _init_kind(kind: str, layout: str, role: str, zero_readout: bool) -> str:
     return "normal"
 
 
+def weight_decay(wd: float, global_lr: float, group_lr: float, m: float, optimizer: str, l2_ratio: float) -> float:
+    """The group's weight_decay coefficient.
+
+    AdamW (decoupled) and SGD (L2, whose per-step shrink is also lr * wd): "independent" decay, the
+    shrink factor group_lr * wd_group equals global_lr * wd at every width and for every multiplier.
+    Adam (coupled L2, normalised with the gradient): wd times the rule's l2 ratio; a forward
+    multiplier m turns an L2 penalty on the stored weight into wd / m^2 on the effective one."""
+    if optimizer == spectral.ADAM:
+        return wd * l2_ratio / (m * m)
+    return spectral.independent_weight_decay(wd, global_lr, group_lr)
+
+
 def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP) -> Plan:
     """The per-parameter plan at shapes.width, relative to shapes.base_width.
 
@@ -120,8 +132,8 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             std = None
         lr = hp.lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r
         eps = hp.eps * eps_r / m if adam else None
-        # independent decay; under SP lr is the proxy's, so this is the proxy's decay as well
-        wd = spectral.independent_weight_decay(hp.weight_decay, hp.lr, lr)
+        wd = weight_decay(hp.weight_decay, hp.lr, lr, m, optimizer,
+                          spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
         note = spectral.mup_departure(role, *fans) or spectral.mup_departure(role, *base_fans)
         if name in tied_params:
             note = "tied: embedding rule; readout multiplier applied in the forward pass"
@@ -140,7 +152,10 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             ratio = (spectral.init_std(d, vocab) / read_base) / (spectral.init_std(1, d) / emb_base)
         else:
             ratio = 1.0
-        readout_mults[mod_name] = (read_base / emb_base) * hp.mult("output", "init") * hp.mult("output", "mult") * ratio
+        # the table carries the embedding's forward multiplier input_mult (abc: folded into its init);
+        # the readout must not see it, and gets the output role's init and forward multipliers instead
+        readout_mults[mod_name] = ((read_base / emb_base) * ratio * hp.mult("output", "init")
+                                   * hp.mult("output", "mult") / hp.mult("input", "mult"))
         if hp.zero_readout:
             notes.append(f"zero_readout ignored for {mod_name}: its weight is tied to embedding {pname}")
     return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes)

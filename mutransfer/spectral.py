@@ -8,6 +8,10 @@ Theta(sqrt(fan_out / fan_in)); Parametrization 1 achieves it with
     SGD  LR    eta    ~  fan_out / fan_in
     Adam LR    eta    ~  1 / fan_in           (Adam's update has entries Theta(lr), so ||dW||_2 ~ lr*sqrt(out*in))
     Adam eps          ~  1 / fan_out          (gradient entries are Theta(1/fan_out) for dense inputs)
+    weight decay      "independent": the per-step shrink lr * wd is the same at every width (AdamW's
+                      decoupled decay, and SGD's L2, whose shrink is also lr * wd); Adam's coupled L2
+                      goes through the normalisation instead, so there wd ~ 1 / (fan_out * sigma):
+                      the L2 gradient wd * W keeps its size relative to the loss gradient.
 
 One-hot inputs (embedding tables) have fan_in 1; biases and norm gains are fan_in-1 matrices.
 No layer is special. Only ratios between two widths are ever used: at the proxy width the model is
@@ -72,6 +76,22 @@ def ratios(base: tuple[int, int], new: tuple[int, int], optimizer: str) -> tuple
         lr_scale(*new, optimizer) / lr_scale(*base, optimizer),
         eps_scale(*new) / eps_scale(*base),
     )
+
+
+def l2_scale(fan_in: int, fan_out: int) -> float:
+    """Width-dependence of Adam's *coupled* L2 coefficient (torch.optim.Adam's weight_decay).
+
+    Adam normalises g + wd * W entrywise, so the L2 term acts the same at every width only if wd * W
+    keeps its size relative to the loss gradient g. Entries of g are Theta(1/fan_out) (as for eps) and
+    entries of W are Theta(init_std) (the init dominates the entries; updates are smaller), hence
+    wd ~ 1 / (fan_out * init_std). With a fixed wd the L2 term would swamp the gradient of wide
+    hidden layers (wd/sqrt(n) against 1/n) and wash out feature learning."""
+    return eps_scale(fan_in, fan_out) / init_std(fan_in, fan_out)
+
+
+def l2_ratio(base: tuple[int, int], new: tuple[int, int]) -> float:
+    """Adam's coupled L2 coefficient at fans `new` divided by the same at fans `base`."""
+    return l2_scale(*new) / l2_scale(*base)
 
 
 def independent_weight_decay(weight_decay: float, global_lr: float, group_lr: float) -> float:
