@@ -4,13 +4,17 @@ It owns: the LR schedule (warmup, then constant / cosine / linear decay, applied
 `initial_lr` so the muP ratios between groups are kept), gradient accumulation and clipping, bf16
 autocast on GPU, periodic validation, divergence detection and callbacks. Commands add behaviour
 (pruning, coordinate measurements, checkpoints, metrics files) through callbacks, never a private loop.
+
+Under torch.distributed (DDP or FSDP2 set up by the caller, see distributed.py) each step's loss is
+averaged over ranks (so every rank takes the same stop decision) and throughput is the global one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,7 @@ class TrainConfig:
     amp: Optional[bool] = None     # None: bf16 autocast on CUDA only
     divergence_factor: Optional[float] = None   # stop when loss > factor * first loss
     start_step: int = 0            # resume: steps already done (the data iterator is advanced by the caller)
+    tf32: bool = True              # allow TF32 matmuls/convolutions on CUDA
 
 
 @dataclass
@@ -114,6 +119,20 @@ def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: b
     return total / max(1, n)
 
 
+def _world() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _global_mean(x: torch.Tensor, world: int) -> float:
+    """The mean over ranks of a scalar (one all-reduce); the value itself when not distributed."""
+    if world > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x = x / world
+    return float(x)
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -122,38 +141,50 @@ def train(
     val_batches: Optional[list] = None,
     callbacks: Iterable = (),
     forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+    no_sync: Optional[Callable[[], ContextManager]] = None,
 ) -> State:
     """Train for config.steps optimizer steps (from config.start_step). Returns the final State.
 
     `forward` replaces model(x) (e.g. a torch.compile'd module); `val_batches` is a fixed list of
-    validation batches. A NaN/inf loss, or a loss above divergence_factor x the first, stops training
-    with state.diverged set."""
+    validation batches. `no_sync()` (e.g. DDP's `model.no_sync`) wraps every micro-batch but the last
+    of a step, so gradients are all-reduced once per step. A NaN/inf loss, or a loss above
+    divergence_factor x the first, stops training with state.diverged set (before the optimizer
+    step: the parameters stay those of the last good step)."""
     callbacks = list(callbacks)
     dev = config.device
-    amp = config.amp if config.amp is not None else torch.device(dev).type == "cuda"
+    cuda = torch.device(dev).type == "cuda"
+    amp = config.amp if config.amp is not None else cuda
+    if cuda and config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     fwd = forward or model
+    world = _world()
     state = State(model, optimizer, config, step=config.start_step)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
     model.train()
     _call(callbacks, "on_start", state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    t_last, samples, tokens = time.perf_counter(), 0, 0
+    busy, samples, tokens = 0.0, 0, 0     # time spent in training steps (not validation/callbacks) since the last log
     while state.step < config.steps and not state.stop:
+        t_step = time.perf_counter()
         f = lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         state.lr = f
-        total = 0.0
-        for _ in range(config.grad_accum):
+        acc = None
+        for i in range(config.grad_accum):
             x, y = _to(next(data), dev)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = fwd(x)
-            loss = loss_fn(config.loss, out, y) / config.grad_accum
-            loss.backward()
-            total += float(loss.detach())
+            last = i == config.grad_accum - 1
+            with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = fwd(x)
+                loss = loss_fn(config.loss, out, y) / config.grad_accum
+                loss.backward()
+            acc = loss.detach() if acc is None else acc + loss.detach()
             samples += x.shape[0]
             tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
+        total = _global_mean(acc, world)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         if not math.isfinite(total):
@@ -170,11 +201,11 @@ def train(
         if config.divergence_factor and total > config.divergence_factor * state.first_loss and state.step > 1:
             state.diverged, state.stop = True, True
             state.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {state.first_loss:.4g}"
-        now = time.perf_counter()
+        busy += time.perf_counter() - t_step
         if state.step % config.log_every == 0 or state.step == config.steps:
-            dt = max(now - t_last, 1e-9)
-            state.samples_per_s, state.tokens_per_s = samples / dt, tokens / dt
-            t_last, samples, tokens = now, 0, 0
+            dt = max(busy, 1e-9)
+            state.samples_per_s, state.tokens_per_s = samples * world / dt, tokens * world / dt
+            busy, samples, tokens = 0.0, 0, 0
         state.val_loss = None
         if val_batches and not state.diverged and (
             (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
