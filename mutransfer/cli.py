@@ -56,15 +56,18 @@ def tune(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     trials: Optional[int] = typer.Option(None, help="finished trials wanted (overrides search.trials)"),
     width: Optional[int] = typer.Option(None, help="proxy width to tune at (default: widths.proxy)"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: sqlite in runs/<name>/)"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL or journal:PATH (default: sqlite in runs/<name>/)"),
     study_name: Optional[str] = typer.Option(None, help="study name (default: the recipe's name)"),
     workers: int = typer.Option(1, help="local worker processes sharing the storage"),
     out: Optional[Path] = typer.Option(None, help="hparams file to write (default runs/<name>/hparams.yaml)"),
     plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
 ):
-    """Optuna search of LR and init multipliers on the proxy, under muP."""
-    _recipe(recipe)
-    _not_built("tune")
+    """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
+    from .tune import tune_command
+
+    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

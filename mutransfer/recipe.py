@@ -125,6 +125,12 @@ class Search(_Strict):
     seeds: int = Field(default=1, gt=0)
     sampler_seed: Optional[int] = None
     divergence_factor: float = Field(default=3.0, gt=1)
+    # tune: validation-loss reports for pruning every N steps (default train.eval_every, else steps // 5)
+    report_every: Optional[int] = Field(default=None, gt=0)
+    # tune: random trials before TPE/GP/CMA-ES model the space, and before the median pruner acts
+    startup_trials: Optional[int] = Field(default=None, ge=0)
+    # tune: seconds between heartbeats; a running trial silent for 3x this is a dead worker's (FAIL)
+    heartbeat: int = Field(default=10, gt=0)
 
     @field_validator("params")
     @classmethod

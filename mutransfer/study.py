@@ -1,0 +1,143 @@
+"""Where a tune study lives: opening Optuna storages, failing trials left running by dead workers, and
+counting finished trials. No training here (that is tune.py).
+
+Storages:
+  sqlite:///runs/<name>/study.db (the default), postgresql://..., mysql://...  -> Optuna's RDBStorage with
+      its heartbeat: every running trial refreshes a timestamp; a trial whose timestamp is older than the
+      grace period belongs to a dead process and is marked FAIL before the next trial starts.
+  journal:PATH  -> Optuna's JournalStorage on a file (no database server; safe for processes sharing a
+      file system). It has no native heartbeat, so the same rule is kept here with a user attribute
+      refreshed by a background thread (see JournalHeartbeat).
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from .errors import UserError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_ATTR = "heartbeat"          # wall-clock time (s) of a journal trial's last sign of life
+
+
+def default_storage(name: str, runs_dir: str | Path = "runs") -> str:
+    return f"sqlite:///{Path(runs_dir) / name / 'study.db'}"
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:")
+
+
+def journal_path(url: str) -> Path:
+    """journal:PATH or journal:///ABSOLUTE/PATH -> the file."""
+    rest = url[len("journal:"):]
+    if rest.startswith("///"):
+        rest = rest[2:]
+    elif rest.startswith("//"):
+        rest = rest[2:]
+    return Path(rest)
+
+
+def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[int] = None):
+    """The Optuna storage behind `url`; UserError('--storage', ...) when it cannot be opened."""
+    grace = grace_period or 3 * heartbeat_interval
+    if is_journal(url):
+        path = journal_path(url)
+        if not path.name:
+            raise UserError("--storage", f"{url!r}: a journal storage needs a file path (journal:PATH)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+            return optuna.storages.JournalStorage(backend)
+        except OSError as e:
+            raise UserError("--storage", f"cannot open journal file {str(path)!r}: {e}") from None
+    if "://" not in url:
+        raise UserError("--storage", f"{url!r} is not a storage URL (sqlite:///PATH, postgresql://..., "
+                                     "mysql://..., journal:PATH)")
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError("--storage", f"cannot create the directory of {str(db)!r}: {e}") from None
+        engine_kwargs = {"connect_args": {"timeout": 60}}   # concurrent local workers wait for the lock
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                              grace_period=grace)
+    except ImportError as e:
+        raise UserError("--storage", f"the driver for {url.split(':', 1)[0]!r} is not installed ({e})") from None
+    except Exception as e:  # noqa: BLE001 - sqlalchemy's many URL / connection errors
+        raise UserError("--storage", f"cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Finished trials: COMPLETE (a diverged trial is complete, with its penalty) or PRUNED."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker died; returns their numbers.
+
+    RDB storages use Optuna's heartbeat table; journal storages the HEARTBEAT_ATTR user attribute
+    (a running trial with no heartbeat at all counts from its start time)."""
+    storage = study._storage
+    if isinstance(storage, optuna.storages.RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return sorted(before - after)
+    now = time.time()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = t.user_attrs.get(HEARTBEAT_ATTR)
+        if beat is None and t.datetime_start is not None:
+            beat = t.datetime_start.timestamp()
+        if beat is not None and now - float(beat) > grace_period:
+            try:
+                if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                    failed.append(t.number)
+            except (RuntimeError, ValueError):   # another worker finished or failed it first
+                pass
+    return failed
+
+
+class JournalHeartbeat:
+    """Refreshes HEARTBEAT_ATTR of one running trial every `interval` seconds (journal storages only)."""
+
+    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
+        self.study, self.trial_id, self.interval = study, trial_id, interval
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "JournalHeartbeat":
+        if not isinstance(self.study._storage, optuna.storages.RDBStorage):
+            self._beat()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        try:
+            self.study._storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
+        except Exception:  # noqa: BLE001 - the trial may just have finished; a missed beat is harmless
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,427 @@
+"""`mutransfer tune`: an Optuna search of the tunables on the proxy, under muP.
+
+A trial builds the model at the proxy width with the trial's values (experiment.build) and trains it
+with THE training loop (train.train) for train.steps, once per seed; a callback reports the validation
+loss every `search.report_every` steps so the pruner can stop it. The trial's value is the final
+validation loss, averaged over seeds. A trial that diverges (NaN/inf, or a training loss above
+search.divergence_factor x its first value, detected by the loop) is COMPLETE with a finite penalty,
+divergence_factor x its validation loss at initialisation, and the user attribute `diverged`, so the
+sampler learns the region is bad.
+
+`--trials N` counts finished trials (complete or pruned) in the storage, whoever ran them: a worker
+starts a trial only while fewer than N are finished, so one worker ends with exactly N and K
+concurrent workers with at most N + K - 1. Trials of dead workers are failed by heartbeat (study.py).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import experiment
+from .errors import UserError
+from .hparams import HParams
+from .hparams_file import default_path, write_hparams_file
+from .recipe import Recipe, load_recipe
+from .study import FINISHED, JournalHeartbeat, count_finished, default_storage, fail_stale, open_storage
+from .train import State, evaluate, train
+
+PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
+POSITIVE = ("lr", "init_scale", "eps")
+UNIT = ("momentum", "beta1", "beta2")
+
+
+@dataclass
+class TuneOptions:
+    """Everything a worker needs (plain data: it crosses to spawned processes)."""
+    recipe_path: str
+    trials: int
+    width: int
+    storage: str
+    study_name: str
+    out: str
+    plot: Optional[str]
+    workers: int
+    threads: int = 0           # torch threads per worker (0: torch's default)
+
+
+# ---------------------------------------------------------------- options ---------------------------------
+
+def _check_params(recipe: Recipe) -> None:
+    """Every searched value must make a valid HParams (types, signs), before any trial runs."""
+    search = recipe.search
+    if not search.params:
+        raise UserError(f"{recipe.path or 'recipe'}: search.params",
+                        "is empty: name at least one tunable to search, e.g. lr: {low: 1.0e-4, high: 1.0e-1, log: true}")
+    base = HParams.from_train(recipe.train)
+    for name, rng in search.params.items():
+        where = f"search.params.{name}"
+        values = rng.choices if rng.choices is not None else [rng.low, rng.high]
+        for v in values:
+            if name == "zero_readout":
+                if not isinstance(v, bool):
+                    raise UserError(where, f"choices must be true/false, got {v!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(where, f"values must be numbers, got {v!r}")
+            if (name in POSITIVE or name.endswith(("_lr", "_init", "_mult"))) and not v > 0:
+                raise UserError(where, f"values must be > 0, got {v!r}")
+            if name in UNIT and not 0 <= v < 1:
+                raise UserError(where, f"values must be in [0, 1), got {v!r}")
+            if name == "weight_decay" and v < 0:
+                raise UserError(where, f"values must be >= 0, got {v!r}")
+        base.with_values({name: values[0]})
+    if search.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise UserError("search.sampler", "cmaes needs the `cmaes` package (pip install cmaes); "
+                                              "or use tpe, gp or random") from None
+
+
+def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
+                 storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
+                 out: Optional[Path | str] = None, plot: Optional[Path | str] = None) -> TuneOptions:
+    """Flags over the recipe, validated (UserError naming the flag or field)."""
+    if trials is not None and trials <= 0:
+        raise UserError("--trials", "must be > 0")
+    if width is not None and width <= 0:
+        raise UserError("--width", "must be > 0")
+    if workers <= 0:
+        raise UserError("--workers", "must be > 0")
+    if study_name is not None and not study_name.strip():
+        raise UserError("--study-name", "must not be empty")
+    if plot is not None and Path(plot).suffix.lower() != ".png":
+        raise UserError("--plot", f"{str(plot)!r} must end in .png")
+    _check_params(recipe)
+    cpus = os.cpu_count() or 1
+    return TuneOptions(
+        recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
+        storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
+        out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
+        threads=max(1, cpus // workers) if workers > 1 else 0,
+    )
+
+
+def report_every(recipe: Recipe) -> int:
+    return recipe.search.report_every or recipe.train.eval_every or max(1, recipe.train.steps // 5)
+
+
+def startup_trials(recipe: Recipe, trials: int) -> int:
+    s = recipe.search.startup_trials
+    return s if s is not None else min(10, max(3, trials // 3))
+
+
+# ---------------------------------------------------------------- sampler, pruner, study ------------------
+
+def make_sampler(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.samplers.BaseSampler:
+    kind, n0 = recipe.search.sampler, startup_trials(recipe, trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(1, n0))
+        if kind == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n0)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n0, multivariate=True, constant_liar=True)
+
+
+def make_pruner(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
+    every, total = report_every(recipe), recipe.train.steps * recipe.search.seeds
+    kind = recipe.search.pruner
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total, reduction_factor=3)
+    # never on a trial's first report: early validation losses say little
+    return optuna.pruners.MedianPruner(n_startup_trials=max(1, startup_trials(recipe, trials)),
+                                       n_warmup_steps=every + 1)
+
+
+STUDY_ATTRS = ("width", "steps", "optimizer", "seeds")
+
+
+def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Study:
+    """Create or load the study; refuse to mix trials from another width, step count, optimizer or seeds."""
+    storage = open_storage(opts.storage, recipe.search.heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
+                                    load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
+    except ValueError as e:   # e.g. an existing multi-objective study of that name
+        raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
+    want = {"width": opts.width, "steps": recipe.train.steps, "optimizer": recipe.train.optimizer,
+            "seeds": recipe.search.seeds}
+    have = study.user_attrs
+    if not have:
+        for k, v in want.items():
+            study.set_user_attr(k, v)
+    else:
+        for k in STUDY_ATTRS:
+            if k in have and have[k] != want[k]:
+                flag = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer",
+                        "seeds": "search.seeds"}[k]
+                raise UserError(flag, f"study {opts.study_name!r} in {opts.storage} was tuned with {k} = {have[k]}, "
+                                      f"not {want[k]}; its trials are not comparable (use another --study-name)")
+    seed = recipe.search.sampler_seed
+    if seed is not None:   # a resumed run or another worker must not replay the same random draws
+        seed = seed + 7919 * worker + len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(recipe, opts.trials, seed)
+    return study
+
+
+# ---------------------------------------------------------------- objective -------------------------------
+
+def suggest(trial: optuna.Trial, recipe: Recipe) -> dict[str, Any]:
+    values = {}
+    for name, rng in recipe.search.params.items():
+        if rng.choices is not None:
+            values[name] = trial.suggest_categorical(name, rng.choices)
+        else:
+            values[name] = trial.suggest_float(name, float(rng.low), float(rng.high), log=rng.log)
+    return values
+
+
+class Reporter:
+    """Callback for train(): initial validation loss, then val loss -> trial.report(), and pruning."""
+
+    def __init__(self, trial: optuna.Trial, val: list, offset: int):
+        self.trial, self.val, self.offset = trial, val, offset
+        self.init_val = float("nan")
+        self.pruned = False
+
+    def on_start(self, state: State) -> None:
+        c = state.config
+        amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
+        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp)
+
+    def on_eval(self, state: State) -> None:
+        if state.diverged or state.val_loss is None or not math.isfinite(state.val_loss):
+            return
+        self.trial.report(state.val_loss, self.offset + state.step)
+        if self.trial.should_prune():
+            self.pruned, state.stop = True, "pruned"
+
+
+class Objective:
+    """The trial's value: final validation loss, mean over search.seeds; penalty if any seed diverges."""
+
+    def __init__(self, recipe: Recipe, width: int, device: str = "cpu"):
+        self.recipe, self.width, self.device = recipe, width, device
+        self.base = HParams.from_train(recipe.train)
+        self.val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        r, t0 = self.recipe, time.perf_counter()
+        hp = self.base.with_values(suggest(trial, r))
+        finals, inits, steps_run = [], [], 0
+        for s in range(r.search.seeds):
+            seed = r.train.seed + s
+            p = experiment.build(r, self.width, hp, device=self.device, seed=seed)
+            cfg = experiment.train_config(r, device=self.device, eval_every=report_every(r),
+                                          divergence_factor=r.search.divergence_factor)
+            rep = Reporter(trial, self.val, offset=s * r.train.steps)
+            state = train(p.model, p.optimizer, experiment.data_stream(r, "train", seed), cfg, self.val, [rep])
+            steps_run += state.step
+            inits.append(rep.init_val)
+            trial.set_user_attr("steps_run", steps_run)
+            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
+            if state.diverged:
+                finite = [v for v in inits if math.isfinite(v)]
+                penalty = r.search.divergence_factor * max(finite) if finite else PENALTY_FALLBACK
+                trial.set_user_attr("diverged", True)
+                trial.set_user_attr("reason", f"seed {seed}: {state.reason}")
+                return float(penalty)
+            if rep.pruned:
+                raise optuna.TrialPruned(f"validation loss {state.val_loss:.4g} at step {state.step}")
+            finals.append(float(state.val_loss))
+        trial.set_user_attr("diverged", False)
+        trial.set_user_attr("seed_values", finals)
+        return sum(finals) / len(finals)
+
+
+# ---------------------------------------------------------------- workers --------------------------------
+
+def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
+               on_trial: Optional[Callable[[optuna.Study], None]] = None,
+               study: Optional[optuna.Study] = None) -> optuna.Study:
+    """Run trials until the storage holds opts.trials finished ones (checked before every trial)."""
+    study = study or open_study(opts, recipe, worker)
+    objective = Objective(recipe, opts.width)
+    grace = 3 * recipe.search.heartbeat
+    journal = not isinstance(study._storage, optuna.storages.RDBStorage)
+
+    def run(trial: optuna.Trial) -> float:
+        if not journal:
+            return objective(trial)
+        with JournalHeartbeat(study, trial._trial_id, recipe.search.heartbeat):
+            return objective(trial)
+
+    while True:
+        fail_stale(study, grace)
+        if count_finished(study) >= opts.trials:
+            return study
+        study.optimize(run, n_trials=1, catch=(), gc_after_trial=False)
+        if on_trial is not None:
+            on_trial(study)
+
+
+def _worker_entry(opts_d: dict, worker: int) -> None:
+    """A spawned local worker: quiet, one line on a user error, no traceback on Ctrl-C."""
+    opts = TuneOptions(**opts_d)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    try:
+        run_worker(opts, load_recipe(opts.recipe_path), worker)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except UserError as e:
+        print(f"error: worker {worker}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]tune[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _best_text(study: optuna.Study) -> str:
+    good = converged(study.get_trials(deepcopy=False))
+    return f"best {min(t.value for t in good):.4g}" if good else "best -"
+
+
+def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Study) -> list[int]:
+    """Spawn opts.workers processes on the same storage; poll it for the progress bar; their exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_entry, args=(asdict(opts), i), daemon=False) for i in range(opts.workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=1.0 / len(procs))
+            bar.update(task, completed=min(opts.trials, count_finished(study)), best=_best_text(study))
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)   # a terminal already sent it; a `kill -INT` to us did not
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        raise
+    return [p.exitcode for p in procs]
+
+
+# ---------------------------------------------------------------- results --------------------------------
+
+def converged(trials: list) -> list:
+    """Complete trials that did not diverge (the candidates for the best)."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged", False)]
+
+
+def _table(good: list, n: int = 5) -> Table:
+    names = sorted({k for t in good for k in t.params})
+    table = Table(title=f"best {min(n, len(good))} of {len(good)} converged trials")
+    for c in ["#", "val loss", *names]:
+        table.add_column(c, justify="right")
+    for t in sorted(good, key=lambda t: t.value)[:n]:
+        table.add_row(str(t.number), f"{t.value:.4f}", *(_fmt(t.params.get(k)) for k in names))
+    return table
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (str(v) if isinstance(v, (bool, str)) else f"{v:.4g}")
+
+
+def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Console, interrupted: bool = False) -> int:
+    """Summary line, best-trials table, hparams file and plot. 1 when no trial converged."""
+    trials = study.get_trials(deepcopy=False)
+    good = converged(trials)
+    diverged = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("diverged")]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    finished = len(good) + len(diverged) + len(pruned)
+    console.print(f"study [bold]{opts.study_name}[/] ({opts.storage}): {finished} finished trials - "
+                  f"{len(good)} converged, {len(diverged)} diverged, {len(pruned)} pruned; "
+                  f"{len(failed)} failed (interrupted or killed, not counted)", highlight=False)
+    if not good:
+        if finished and not interrupted:
+            console.print(f"[red]every trial diverged or was pruned[/] ({len(diverged)} diverged, {len(pruned)} "
+                          "pruned): no hparams written. Narrow search.params (e.g. lower the LR range) or raise "
+                          "search.divergence_factor.", highlight=False)
+            return 1
+        return 0
+    console.print(_table(good))
+    best = min(good, key=lambda t: t.value)
+    out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
+                             optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
+                             study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
+                             extra={"trials": finished})
+    console.print(f"best trial #{best.number}: val loss {best.value:.4f} with "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}", highlight=False)
+    if opts.plot:
+        from .tune_plot import plot_study
+
+        console.print(f"plot -> {plot_study(study, opts.plot)}", highlight=False)
+    return 0
+
+
+def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -> int:
+    """Run (or resume) the search until opts.trials finished trials exist; write the outputs. Exit code."""
+    console = console or Console()
+    experiment.check_recipe(recipe)
+    study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
+    done = count_finished(study)
+    if done:
+        console.print(f"resuming study {opts.study_name!r}: {done} finished trials in {opts.storage}", highlight=False)
+    code = 0
+    with _progress(console) as bar:
+        task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study))
+        try:
+            if opts.workers == 1:
+                run_worker(opts, recipe, 0, on_trial=lambda s: bar.update(
+                    task, completed=min(opts.trials, count_finished(s)), best=_best_text(s)), study=study)
+            else:
+                codes = _run_local_workers(opts, bar, task, study)
+                bad = [c for c in codes if c not in (0, None)]
+                if bad:
+                    console.print(f"[red]{len(bad)} of {opts.workers} workers failed[/] (exit codes {bad})")
+                    code = 2 if 2 in bad else 1
+        except KeyboardInterrupt:
+            bar.stop()
+            console.print("[yellow]interrupted[/]: every finished trial is kept in the storage; "
+                          "rerun the same command to continue.")
+            finish(opts, recipe, study, console, interrupted=True)
+            raise
+    if code:
+        return code
+    fail_stale(study, 3 * recipe.search.heartbeat)
+    return finish(opts, recipe, study, console)
+
+
+def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
+                 study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path]) -> int:
+    """The CLI's `tune`: load and validate, then tune()."""
+    recipe = load_recipe(recipe_path)
+    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tune(opts, recipe)
