@@ -101,7 +101,12 @@ def scale(
         if json_path:
             write_json(plan, cost, json_path)
         return
-    _not_built("scale")
+    from .scale import ScaleOptions, run_scale
+
+    res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device, compile, fsdp,
+                                 checkpoint_every, resume, str(out) if out else None))
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
 
 
 @app.command("coord-check")

@@ -1,0 +1,297 @@
+"""`mutransfer scale`: train the wide target with the transferred hyperparameters.
+
+    run_scale(ScaleOptions(recipe="recipes/gpt-pysource.yaml", width=1024, ...)) -> ScaleResult
+
+Order of work: everything that can be wrong with the input (recipe, hparams file, flags, data, an
+incompatible checkpoint) is checked before anything is written. Then DIR receives the resolved
+recipe, the hparams used, the plan (the dry-run JSON) and package versions; the model is built at
+the target width relative to the width the hparams were tuned at, wrapped for torch.distributed when
+launched by torchrun, and trained by THE loop (train.train) with callbacks for metrics, the progress
+bar, checkpoints and signals. At the end the validation loss is compared with the proxy's (TP5:
+wider must not be worse).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from rich.console import Console
+
+from . import checkpoint as C
+from . import distributed as D
+from . import experiment
+from .errors import UserError
+from .hparams import HParams
+from .hparams_file import apply_hparams_file, default_path, read_hparams_file
+from .metrics import LiveProgress, MetricsFile, peak_flops
+from .recipe import Recipe, load_recipe, recipe_to_dict
+from .train import train
+
+
+@dataclass
+class ScaleOptions:
+    recipe: str
+    hparams: Optional[str] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    out: Optional[str] = None
+    runs_dir: str = "runs"
+
+
+@dataclass
+class ScaleResult:
+    exit_code: int
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class HParamsSource:
+    hparams: HParams
+    base_width: int
+    source: str                        # human-readable: which file, or the recipe's values
+    file: Optional[dict] = None        # the parsed hparams file, if any
+
+
+def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs") -> HParamsSource:
+    """--hparams PATH, else runs/<name>/hparams.yaml if it exists, else the recipe's base values."""
+    base = HParams.from_train(recipe.train)
+    if path is None:
+        p = default_path(recipe.name, runs_dir)
+        if not p.is_file():
+            return HParamsSource(base, recipe.widths.proxy, f"the recipe's base values (no {p})")
+        where = str(p)
+    else:
+        p, where = Path(path), "--hparams"
+        if not p.is_file():
+            raise UserError("--hparams", f"file not found: {p}")
+    d = read_hparams_file(p)
+    hp = apply_hparams_file(base, d, recipe.train.optimizer, f"{where} ({p})" if path is not None else where)
+    bw = d["proxy_width"]
+    if not isinstance(bw, int) or isinstance(bw, bool) or bw <= 0:
+        raise UserError(f"{p}: proxy_width", "must be a positive integer")
+    return HParamsSource(hp, bw, f"tuned values from {p}", d)
+
+
+def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) -> dict:
+    """TP5, wider is better: the target's validation loss against the proxy's best (same steps)."""
+    if file is None or file.get("best_value") is None:
+        return {"status": "skipped", "message": "no tuned proxy loss to compare with"}
+    best = float(file["best_value"])
+    if file.get("steps") != steps:
+        return {"status": "skipped", "proxy": best,
+                "message": f"the proxy was tuned with {file.get('steps', 'an unknown number of')} steps, "
+                           f"the target ran {steps}: losses are not comparable"}
+    if val_loss is None or not math.isfinite(val_loss):
+        return {"status": "skipped", "proxy": best, "message": "no final validation loss"}
+    if val_loss > best:
+        return {"status": "failed", "proxy": best, "target": val_loss,
+                "message": f"TRANSFER FAILED: the wider target's validation loss {val_loss:.4f} is WORSE than "
+                           f"the proxy's {best:.4f} at the same steps"}
+    return {"status": "ok", "proxy": best, "target": val_loss,
+            "message": f"wider is better: validation loss {val_loss:.4f} <= proxy's {best:.4f}"}
+
+
+def fingerprint(recipe: Recipe, width: int, src: HParamsSource, world: int, per_rank_batch: int) -> dict:
+    """What a checkpoint must agree with to be resumed (steps may change; logging settings may too)."""
+    r = recipe_to_dict(recipe)
+    t = {k: v for k, v in r["train"].items() if k not in ("steps", "eval_every", "eval_batches", "log_every")}
+    return {"model": r["model"], "data": r["data"], "loss": r["loss"], "layouts": r["layouts"], "train": t,
+            "width": width, "base_width": src.base_width, "hparams": src.hparams.flat(), "world_size": world,
+            "per_rank_batch": per_rank_batch}
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if json.dumps(a.get(k), sort_keys=True, default=str)
+            != json.dumps(b.get(k), sort_keys=True, default=str)]
+
+
+def versions() -> dict:
+    import mutransfer
+
+    v = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+         "mutransfer": mutransfer.__version__, "cuda": torch.version.cuda,
+         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for name in ("optuna", "pydantic", "typer", "rich", "yaml", "numpy"):
+        try:
+            v[name] = getattr(__import__(name), "__version__", None)
+        except ImportError:
+            pass
+    return v
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult:
+    console = console or Console()
+    recipe = load_recipe(o.recipe)
+    width = o.width if o.width is not None else recipe.widths.target
+    if width <= 0:
+        raise UserError("--width", "must be > 0")
+    if o.steps is not None and o.steps <= 0:
+        raise UserError("--steps", "must be > 0")
+    if o.checkpoint_every < 0:
+        raise UserError("--checkpoint-every", "must be >= 0")
+    steps = o.steps or recipe.train.steps
+    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
+        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    device = experiment.resolve_device(o.device)
+    d = D.setup(device)
+    try:
+        return _run(o, recipe, width, steps, d, console)
+    finally:
+        D.teardown()
+
+
+def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, console: Console) -> ScaleResult:
+    out_console = console if d.main else Console(quiet=True)
+    t = recipe.train
+    if t.batch_size % d.world:
+        raise UserError("train.batch_size", f"{t.batch_size} is not divisible by the {d.world} processes")
+    per_rank = t.batch_size // d.world
+    src = resolve_hparams(recipe, o.hparams, o.runs_dir)
+    if src.base_width > width:
+        raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
+    if o.fsdp and not d.enabled:
+        raise UserError("--fsdp", "FSDP needs several processes: launch with torchrun --nproc-per-node N")
+    out = Path(o.out) if o.out else Path(o.runs_dir) / recipe.name / f"scale-{width}"
+    ck_dir = out / "checkpoints"
+    fp = fingerprint(recipe, width, src, d.world, per_rank)
+
+    # --- everything that can fail on bad input, before anything is written
+    experiment.shapes_for(recipe, width)
+    data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
+    experiment.first_batch(C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank)))
+    val = experiment.val_batches(recipe, t.eval_batches, seed=t.seed)
+    ckpt, start = None, 0
+    newest = C.latest(ck_dir)
+    if o.resume and newest is not None:
+        try:
+            ckpt = C.load(newest)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(str(newest), f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+        bad = _diff(ckpt.get("fingerprint", {}), fp)
+        if bad:
+            raise UserError("--resume", f"{newest} was made with a different {', '.join(bad)}; "
+                                        "use another --out to start a new run")
+        start = int(ckpt["step"])
+        if start > steps:
+            raise UserError("--steps", f"{steps} is below the checkpoint's step {start}")
+    elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()):
+        raise UserError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    say = out_console.print
+    say(f"[bold]hparams[/]: {src.source}", highlight=False)
+    if o.resume and ckpt is None:
+        say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0", highlight=False)
+    if ckpt is not None:
+        say(f"[bold]resuming[/] from {newest} (step {start} of {steps})", highlight=False)
+
+    # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
+    pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width)
+    plan = pm.plan
+    model, no_sync = D.wrap(pm.model, d, o.fsdp)
+    from .parametrize import make_optimizer, param_groups
+
+    optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer, src.hparams,
+                               torch.device(d.device))
+    n_params = plan.numel
+    if ckpt is not None:
+        C.restore(ckpt, model, optimizer, data, d)
+        first_loss = ckpt.get("first_loss")
+        del ckpt
+
+    # --- the record of the run (rank 0)
+    from .explain import estimate_cost, write_json
+
+    cost = estimate_cost(recipe, plan, width)
+    flops_per_sample = cost.flops_per_step / (t.batch_size * t.grad_accum) if cost.flops_per_step else None
+    peak = peak_flops(d.device)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        _write(out / "hparams.yaml", yaml.safe_dump(
+            {"source": src.source, "proxy_width": src.base_width, "width": width, "optimizer": t.optimizer,
+             "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
+        write_json(plan, cost, out / "plan.json")
+        v = versions()
+        v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device})
+        _write(out / "versions.json", json.dumps(v, indent=1))
+    D.barrier(d)
+
+    cfg = experiment.train_config(recipe, d.device, steps=steps, start_step=start)
+    forward = torch.compile(model) if o.compile else None
+    metrics = MetricsFile(out / "metrics.jsonl", src.hparams.lr, flops_per_sample, peak, d.world, start) if d.main else None
+    ckpt_cb = C.Checkpointer(ck_dir, o.checkpoint_every, data, d, {"fingerprint": fp})
+    if start:
+        ckpt_cb.first_loss = first_loss
+    callbacks: list[Any] = [C.StopOnSignal(d)]
+    if metrics is not None:
+        callbacks += [metrics, LiveProgress(out_console, steps, start, metrics)]
+    callbacks.append(ckpt_cb)
+
+    say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
+        f"{steps} steps, global batch {t.batch_size * t.grad_accum}, device {d.device}"
+        + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""), highlight=False)
+    state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward, no_sync=no_sync)
+
+    # --- the outcome
+    last = metrics.last if metrics is not None else {}
+    summary: dict[str, Any] = {
+        "recipe": recipe.name, "width": width, "proxy_width": src.base_width, "parameters": n_params,
+        "steps": state.step, "steps_planned": steps, "train_loss": state.loss, "val_loss": state.val_loss,
+        "samples_per_s": state.samples_per_s, "tokens_per_s": state.tokens_per_s, "mfu": last.get("mfu"),
+        "hparams": src.source, "out": str(out), "metrics": str(out / "metrics.jsonl"),
+        "checkpoints": str(ck_dir), "world_size": d.world,
+    }
+    code = 0
+    if state.diverged:
+        good = C.latest(ck_dir)
+        summary["status"] = "diverged"
+        summary["reason"] = state.reason
+        say(f"[red bold]training stopped[/]: {state.reason}; "
+            + (f"the last good checkpoint is {good}" if good else "no checkpoint was written (use --checkpoint-every)"),
+            highlight=False)
+        code = 1
+    elif state.stop == "interrupted":
+        summary["status"] = "interrupted"
+        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {ck_dir}; continue with --resume",
+            highlight=False)
+        code = 130
+    else:
+        summary["status"] = "finished"
+        summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps)
+        colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
+        say(f"[{colour}]{check['message']}[/]", highlight=False)
+    if d.main:
+        _write(out / "summary.json", json.dumps(summary, indent=1, default=str))
+        _print_summary(summary, say)
+    return ScaleResult(code, summary)
+
+
+def _print_summary(s: dict, say) -> None:
+    def f(x, fmt="{:.4f}"):
+        return "-" if x is None else fmt.format(x)
+
+    say(f"[bold]summary[/]: {s['parameters']:,} parameters, {s['steps']}/{s['steps_planned']} steps, "
+        f"train loss {f(s['train_loss'])}, val loss {f(s['val_loss'])}, "
+        f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s ({f(s['samples_per_s'], '{:,.1f}')} samples/s)"
+        + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""), highlight=False)
+    if s.get("transfer", {}).get("status") == "failed":
+        say(f"[red bold]{s['transfer']['message']}[/]", highlight=False)
+    say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}", highlight=False)
