@@ -100,4 +100,6 @@ def independent_weight_decay(weight_decay: float, global_lr: float, group_lr: fl
     torch's AdamW multiplies parameters by (1 - lr * wd) each step."""
     if group_lr == 0.0:
         return 0.0
+    if group_lr == global_lr:   # exact at the proxy: one global decay, as in a plain model
+        return weight_decay
     return weight_decay * global_lr / group_lr
