@@ -81,6 +81,16 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
         raise UserError("--storage", f"cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def backend(study: optuna.Study):
+    """The storage itself (a loaded study wraps an RDBStorage in Optuna's cache layer)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage)
+
+
+def is_rdb(study: optuna.Study) -> bool:
+    return isinstance(backend(study), optuna.storages.RDBStorage)
+
+
 def count_finished(study: optuna.Study) -> int:
     """Finished trials: COMPLETE (a diverged trial is complete, with its penalty) or PRUNED."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -92,9 +102,11 @@ def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
     RDB storages use Optuna's heartbeat table; journal storages the HEARTBEAT_ATTR user attribute
     (a running trial with no heartbeat at all counts from its start time)."""
     storage = study._storage
-    if isinstance(storage, optuna.storages.RDBStorage):
+    if is_rdb(study):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         return sorted(before - after)
     now = time.time()
@@ -121,7 +133,7 @@ class JournalHeartbeat:
         self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "JournalHeartbeat":
-        if not isinstance(self.study._storage, optuna.storages.RDBStorage):
+        if not is_rdb(self.study):
             self._beat()
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()

@@ -37,7 +37,7 @@ from .errors import UserError
 from .hparams import HParams
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
-from .study import FINISHED, JournalHeartbeat, count_finished, default_storage, fail_stale, open_storage
+from .study import JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage
 from .train import State, evaluate, train
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
@@ -264,7 +264,7 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
     study = study or open_study(opts, recipe, worker)
     objective = Objective(recipe, opts.width)
     grace = 3 * recipe.search.heartbeat
-    journal = not isinstance(study._storage, optuna.storages.RDBStorage)
+    journal = not is_rdb(study)
 
     def run(trial: optuna.Trial) -> float:
         if not journal:
