@@ -39,11 +39,12 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
     n = plan.numel
     mem = n * 4 * (2 + optimizer_state_floats(recipe.train.optimizer, recipe.train.momentum))
     flops = None
+    # data mistakes are the user's (UserError, exit 2); only the meta-device trace is best effort
+    x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
+    model = build_meta(model_factory(recipe), width, recipe.model.args)
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
-        x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
-        model = build_meta(model_factory(recipe), width, recipe.model.args)
         xm, ym = x.to("meta"), y.to("meta")
         with FlopCounterMode(display=False) as fc:
             out = model(xm)
