@@ -241,6 +241,12 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
             results[p] = rec
         else:
             todo.append(p)
+    # the SP control is the very same model as muP at the proxy width: train it once, record it twice
+    grid = set(cfg.points())
+    twins = {p: Point("mup", p.width, p.value, p.seed) for p in todo
+             if p.parametrization == "sp" and p.width == recipe.widths.proxy}
+    twins = {p: t for p, t in twins.items() if t in grid}
+    todo = [p for p in todo if p not in twins]
     todo.sort(key=lambda p: (-p.width, p.parametrization, p.value, p.seed))
     cols = (TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             TextColumn("{task.description}"))
@@ -267,6 +273,10 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
                 except BaseException:
                     ex.shutdown(wait=False, cancel_futures=True)
                     raise
+        for p, t in twins.items():
+            rec = dict(results[t], parametrization="sp")
+            write_json_atomic(cache_dir / p.filename(cfg.param), rec)
+            done(p, rec)
     return results
 
 
