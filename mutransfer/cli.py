@@ -121,10 +121,15 @@ def coord_check(
     parametrization: str = typer.Option("mup", help="mup | sp (the control)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the measurements and verdict as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per statistic"),
+    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
 ):
     """Train at several widths for a few steps and flag activations or updates that blow up."""
-    _recipe(recipe)
-    _not_built("coord-check")
+    from .coord_report import coord_check_command
+
+    code = coord_check_command(_recipe(recipe), widths, steps, seeds, lr, optimizer, parametrization,
+                               json_path, plot, device)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

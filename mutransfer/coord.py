@@ -1,0 +1,345 @@
+"""Coordinate check: train the recipe's model a few steps at several widths and decide whether the
+per-coordinate size of every module's output, and of its change since initialisation, stays put.
+
+Measurement: forward hooks on every module (the root module, i.e. the model's output, and identity
+"hook point" modules included) record, on one fixed probe batch at t = 0..N optimizer steps,
+    act     mean |x_t|          the size of the output's coordinates,
+    update  mean |x_t - x_0|    the size of their change since initialisation
+(Desideratum 1 of the spectral paper: both Theta(1) in width). Training goes through train.train();
+the probe runs from a callback, under torch.no_grad, in eval mode and with the RNG state forked, and
+its hooks exist only while it runs, so it cannot change the training.
+
+Verdict (pure functions below): for each module and statistic, the least-squares slope of
+log(value at the last step, averaged over seeds) against log(width). A slope above BLOWUP_SLOPE is
+"blowup" (exit 1); an update slope below VANISH_SLOPE is "vanishing" (a warning: kernel-like updates).
+"""
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import experiment
+from .errors import UserError
+from .hparams import HParams
+from .plan import MUP, SP
+from .recipe import Recipe
+from .spectral import OPTIMIZERS
+
+STATS = ("act", "update")
+# Thresholds on the log-log slope (value ~ width^slope), chosen from measurements (README, coord-check):
+# correct muP models measure |slope| <= ~0.15 at 4 widths; the mildest defect measured (1/sqrt(d_head)
+# attention, after the features move) sits near +0.5, SP under Adam near +1.
+BLOWUP_SLOPE = 0.3
+VANISH_SLOPE = -0.3
+ROOT = "<output>"          # name shown for the root module (the model's output)
+PROBE_SEED = 0             # the probe batch: first batch of the validation stream at this seed
+TINY = 1e-30               # values at or below this count as exactly zero
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    widths: tuple[int, ...]
+    steps: int
+    seeds: int
+    lr: float
+    optimizer: str
+    parametrization: str
+    batch_size: int
+    device: str = "cpu"
+
+
+def default_widths(proxy: int, n: int = 4) -> list[int]:
+    """A doubling ladder of n widths around the proxy: proxy/2, proxy, 2 proxy, 4 proxy (the proxy
+    itself when it is odd or 1)."""
+    start = proxy // 2 if proxy % 2 == 0 and proxy >= 2 else proxy
+    return [start * 2**i for i in range(n)]
+
+
+def parse_widths(text: str, where: str = "--widths") -> list[int]:
+    try:
+        ws = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(where, f"{text!r} is not a comma-separated list of integers") from None
+    return check_widths(ws, where)
+
+
+def check_widths(ws: list[int], where: str) -> list[int]:
+    if any(w <= 0 for w in ws):
+        raise UserError(where, "widths must be > 0")
+    ws = sorted(set(ws))
+    if len(ws) < 2:
+        raise UserError(where, "needs at least 2 different widths (4 or more recommended)")
+    return ws
+
+
+def resolve(recipe: Recipe, widths: Optional[list[int]] = None, steps: Optional[int] = None,
+            seeds: Optional[int] = None, lr: Optional[float] = None, optimizer: Optional[str] = None,
+            parametrization: str = MUP, device: str = "cpu") -> Settings:
+    """Flags, then the recipe's coord_check section, then defaults (README)."""
+    cc = recipe.coord_check
+    ws = check_widths(list(widths), "--widths") if widths is not None else (
+        check_widths(list(cc.widths), "coord_check.widths") if cc.widths else default_widths(recipe.widths.proxy))
+    steps = cc.steps if steps is None else steps
+    if steps < 1:
+        raise UserError("--steps", "must be >= 1")
+    seeds = cc.seeds if seeds is None else seeds
+    if seeds < 1:
+        raise UserError("--seeds", "must be >= 1")
+    lr = lr if lr is not None else (cc.lr if cc.lr is not None else recipe.train.lr)
+    if not (lr > 0 and math.isfinite(lr)):
+        raise UserError("--lr", "must be a finite number > 0")
+    optimizer = optimizer or recipe.train.optimizer
+    if optimizer not in OPTIMIZERS:
+        raise UserError("--optimizer", f"unknown optimizer {optimizer!r}; expected {' | '.join(OPTIMIZERS)}")
+    if parametrization not in (MUP, SP):
+        raise UserError("--parametrization", f"unknown {parametrization!r}; expected mup | sp")
+    bs = cc.batch_size or recipe.train.batch_size
+    return Settings(tuple(ws), steps, seeds, float(lr), optimizer, parametrization, bs, device)
+
+
+# -------------------------------------------------------------------------------------- measurement
+
+def _first_float(out):
+    """The tensor a module returns (the first floating tensor of a tuple/list/dict), or None."""
+    if torch.is_tensor(out):
+        return out if out.is_floating_point() else None
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            t = _first_float(o)
+            if t is not None:
+                return t
+    return None
+
+
+class Probe:
+    """Forward hooks on every module, attached only while the fixed probe batch runs.
+
+    The first call keeps each output as x_0; every call returns {module: (act, update)} as floats.
+    A module called several times in one forward pass is measured over all its calls."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        self.model, self.x = model, x
+        self.x0: dict[str, list[torch.Tensor]] = {}
+        self._cur: dict[str, list[torch.Tensor]] = {}
+
+    def _hook(self, name: str):
+        def f(module, args, out):
+            t = _first_float(out)
+            if t is not None:
+                self._cur.setdefault(name, []).append(t.detach().float())
+        return f
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, tuple[float, float]]:
+        model = self.model
+        was = model.training
+        handles = [m.register_forward_hook(self._hook(n or ROOT)) for n, m in model.named_modules()]
+        devices = [self.x.device] if self.x.device.type == "cuda" else []
+        self._cur = {}
+        try:
+            model.eval()
+            with torch.random.fork_rng(devices=devices):
+                model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was)
+        first = not self.x0
+        names, acts, upds = [], [], []
+        for name, outs in self._cur.items():
+            if first:
+                self.x0[name] = outs
+            ref = self.x0.get(name)
+            if ref is None or len(ref) != len(outs) or any(a.shape != b.shape for a, b in zip(ref, outs)):
+                continue
+            n = sum(o.numel() for o in outs)
+            if n == 0:
+                continue
+            names.append(name)
+            acts.append(sum(o.abs().sum() for o in outs) / n)
+            upds.append(sum((o - r).abs().sum() for o, r in zip(outs, ref)) / n)
+        self._cur = {}
+        if not names:
+            return {}
+        vals = torch.stack([torch.stack(acts), torch.stack(upds)]).cpu().tolist()   # one device sync
+        return {n: (vals[0][i], vals[1][i]) for i, n in enumerate(names)}
+
+
+class Recorder:
+    """train() callback: probe at t = 0 (on_start) and after every optimizer step."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+        self.records: list[dict[str, tuple[float, float]]] = []
+
+    def on_start(self, state) -> None:
+        self.records.append(self.probe())
+
+    def on_step(self, state) -> None:
+        self.records.append(self.probe())
+
+
+@dataclass
+class Run:
+    width: int
+    seed: int
+    records: list[dict[str, tuple[float, float]]]   # index t = 0..steps (fewer if it diverged)
+    diverged: bool = False
+    reason: str = ""
+
+
+def probe_batch(recipe: Recipe, batch_size: int, device: str) -> torch.Tensor:
+    """The fixed probe inputs: the first validation batch at PROBE_SEED (the same at every width)."""
+    x, _ = experiment.first_batch(experiment.data_stream(recipe, "val", PROBE_SEED, batch_size), "data")
+    return x.to(device)
+
+
+def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: torch.Tensor) -> Run:
+    """Build the model at `width`, train it s.steps steps through train.train(), probing each step."""
+    seed = recipe.train.seed + seed_index
+    hp = HParams.from_train(recipe.train).with_values({"lr": s.lr})
+    model, opt, _ = experiment.build(recipe, width, hp, device=s.device, seed=seed,
+                                     parametrization=s.parametrization, optimizer=s.optimizer)
+    cfg = experiment.train_config(recipe, s.device, steps=s.steps, schedule="constant", warmup=0,
+                                  grad_clip=None, grad_accum=1, eval_every=0, log_every=s.steps)
+    rec = Recorder(Probe(model, x))
+    data = experiment.data_stream(recipe, "train", seed, s.batch_size)
+    from .train import train  # the one training loop
+
+    try:
+        state = train(model, opt, data, cfg, callbacks=[rec])
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise UserError("model", f"training failed at width {width}: {type(e).__name__}: {e}") from None
+    return Run(width, seed_index, rec.records, state.diverged, state.reason)
+
+
+def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None) -> list[Run]:
+    """Every (width, seed) in turn, one model in memory at a time. on_run(width, seed) after each."""
+    x = probe_batch(recipe, s.batch_size, s.device)
+    runs = []
+    for w in s.widths:
+        for k in range(s.seeds):
+            runs.append(measure_one(recipe, s, w, k, x))
+            gc.collect()
+            if s.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if on_run:
+                on_run(w, k)
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ verdict
+
+def loglog_slope(widths: list[float], values: list[float]) -> float:
+    """Least-squares slope of log(value) against log(width). Values that are all ~0 give 0 (nothing
+    to scale); a non-finite value gives +inf (it blew up); a zero among non-zeros gives -inf."""
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    if all(abs(v) <= TINY for v in values):
+        return 0.0
+    if any(abs(v) <= TINY for v in values):
+        return -math.inf
+    xs = [math.log(w) for w in widths]
+    ys = [math.log(abs(v)) for v in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+
+
+def flag(statistic: str, slope: float, blowup: float = BLOWUP_SLOPE, vanish: float = VANISH_SLOPE) -> str:
+    """"blowup" above the threshold; "vanishing" for update slopes below the (negative) one."""
+    if slope > blowup:
+        return "blowup"
+    if statistic == "update" and slope < vanish:
+        return "vanishing"
+    return "ok"
+
+
+@dataclass
+class Row:
+    name: str
+    statistic: str
+    values: list[float]          # per width, seed-averaged, at the last step
+    slope: float
+    spread: float                # std of the per-seed slopes
+    flag: str
+    series: list[list[float]] = field(default_factory=list)  # per width, seed-averaged, t = 0..steps
+
+
+@dataclass
+class Result:
+    settings: Settings
+    rows: list[Row]
+    diverged: list[str]
+
+    @property
+    def verdict(self) -> str:
+        return "blowup" if self.diverged or any(r.flag == "blowup" for r in self.rows) else "ok"
+
+    @property
+    def worst_first(self) -> list[Row]:
+        return sorted(self.rows, key=lambda r: (-_finite_key(r.slope), r.name, r.statistic))
+
+
+def _finite_key(x: float) -> float:
+    return 1e300 if x == math.inf else (-1e300 if x == -math.inf else x)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def verdict(runs: list[Run], s: Settings) -> Result:
+    """Rows (module x statistic) with slopes and flags, from the measured runs."""
+    widths = list(s.widths)
+    names: list[str] = []
+    for r in runs:
+        for rec in r.records:
+            for n in rec:
+                if n not in names:
+                    names.append(n)
+    diverged = [f"width {r.width} seed {r.seed}: {r.reason}" for r in runs if r.diverged]
+    T = s.steps
+    rows = []
+    for name in names:
+        for si, stat in enumerate(STATS):
+            # value[w][seed][t]; NaN where missing, +inf where the run diverged before t
+            def at(r: Run, t: int) -> float:
+                if t < len(r.records):
+                    v = r.records[t].get(name)
+                    return v[si] if v is not None else math.nan
+                return math.inf if r.diverged else math.nan
+            per_w = {w: [rr for rr in runs if rr.width == w] for w in widths}
+            series = [[_mean([at(rr, t) for rr in per_w[w]]) for t in range(T + 1)] for w in widths]
+            last = [ser[T] for ser in series]
+            present = [(w, v) for w, v in zip(widths, last) if v == v]
+            if len(present) < 2:
+                continue
+            slope = loglog_slope([w for w, _ in present], [v for _, v in present])
+            seeds = sorted({rr.seed for rr in runs})
+            per_seed = []
+            for k in seeds:
+                pts = [(w, at(rr, T)) for w in widths for rr in per_w[w] if rr.seed == k]
+                pts = [(w, v) for w, v in pts if v == v]
+                if len(pts) >= 2:
+                    per_seed.append(loglog_slope([w for w, _ in pts], [v for _, v in pts]))
+            fin = [p for p in per_seed if math.isfinite(p)]
+            spread = math.sqrt(sum((p - _mean(fin)) ** 2 for p in fin) / len(fin)) if len(fin) > 1 else 0.0
+            rows.append(Row(name, stat, last, slope, spread, flag(stat, slope), series))
+    return Result(s, rows, diverged)
+
+
+def run(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None) -> Result:
+    return verdict(measure(recipe, s, on_run), s)
