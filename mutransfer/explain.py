@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -27,6 +28,7 @@ class Cost:
     params: int
     flops_per_step: Optional[float]   # forward + backward, whole optimizer step (all micro-batches)
     memory_bytes: int                 # fp32 weights + grads + optimizer state
+    flops_error: Optional[str] = None  # why flops_per_step is None
 
 
 def optimizer_state_floats(optimizer: str, momentum: float) -> int:
@@ -50,8 +52,8 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
             out = model(xm)
             loss_fn(recipe.loss, out, ym).backward()
         flops = float(fc.get_total_flops()) * recipe.train.grad_accum
-    except Exception:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
-        flops = None
+    except Exception as e:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
+        return Cost(n, None, mem, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
     return Cost(n, flops, mem)
 
 
@@ -78,17 +80,37 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.3g}E{unit}"
 
 
+def _shape(base: tuple, shape: tuple) -> str:
+    f = lambda t: "×".join(map(str, t)) or "scalar"  # noqa: E731
+    return f(base) if base == shape else f"{f(base)}→{f(shape)}"
+
+
 def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console] = None) -> None:
     console = console or Console()
-    t = Table(title=f"spectral plan: width {plan.base_width} -> {plan.width} ({plan.optimizer})", show_lines=False)
-    for col in ("parameter", "proxy shape -> shape", "role", "fan_in", "fan_out", "init std", "lr", "wd", "eps", "note"):
-        t.add_column(col, overflow="fold")
+    t = Table(title=f"spectral plan: width {plan.base_width} → {plan.width} ({plan.optimizer})",
+              box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+    wide = console.width >= 120
+    if wide:
+        t.add_column("parameter", overflow="fold")
+        t.add_column("proxy shape→shape", overflow="fold")
+    else:   # narrow terminal: the shape goes under the name, fans share a column
+        t.add_column("parameter\nproxy shape→shape", no_wrap=True)
+    cols = ("role", "fan_in", "fan_out", "init std") if wide else ("role\nin→out", "init\nstd")
+    for col in (*cols, "lr", "wd", "eps", "note" if wide else ""):
+        t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
+    footnotes: dict[str, int] = {}
     for p in plan.params.values():
-        shape = f"{tuple(p.base_shape)} -> {tuple(p.shape)}"
         std = _fmt(p.init_std) if p.init_std is not None else "keep"
-        t.add_row(p.name, shape, p.role, str(p.fan_in), str(p.fan_out), std, _fmt(p.lr), _fmt(p.weight_decay),
-                  _fmt(p.eps), p.note or "")
+        mark = ""
+        if p.note:
+            mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
+        shape = _shape(tuple(p.base_shape), tuple(p.shape))
+        head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
+        fan = [p.role, str(p.fan_in), str(p.fan_out)] if wide else [f"{p.role}\n[dim]{p.fan_in}→{p.fan_out}[/]"]
+        t.add_row(*head, *fan, std, _fmt(p.lr), _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
+    for note, i in footnotes.items():
+        console.print(f"[{i}] {note}", highlight=False)
     for m, v in plan.readout_multipliers.items():
         console.print(f"[cyan]tied readout[/] {m}: input multiplied by {v:.4g} in the forward pass")
     for n in plan.notes:
@@ -96,7 +118,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
     if unknown:
         console.print(f"[yellow]warning[/] parameters of no known module, classified by shape: {', '.join(unknown)}"
                       " (declare them under `layouts:` if wrong)")
-    flops = human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None else "n/a (model does not trace on meta)"
+    flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
+             else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")
     console.print(
         f"[bold]target[/]: {cost.params:,} parameters ({human(cost.params)}), "
         f"~{flops} per training step, "
@@ -106,7 +129,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
 
 def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
     d = plan.to_json()
-    d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes}
+    d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes,
+                 "flops_error": cost.flops_error}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
