@@ -62,6 +62,10 @@ def init_model(model: nn.Module, plan: Plan, seed: int = 0) -> None:
             g = gens[dev]
             g.manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
             p.normal_(0.0, pp.init_std, generator=g)
+    # nn.Embedding(padding_idx=i) promises a zero row i, as its own reset_parameters does
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+            mod.weight[mod.padding_idx].zero_()
 
 
 def _stable_hash(s: str) -> int:

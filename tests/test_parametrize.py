@@ -151,3 +151,15 @@ def test_param_groups_carry_names_and_initial_lr():
     for g in opt.param_groups:
         assert g["initial_lr"] == g["lr"]
         assert all(plan.params[n].lr == g["lr"] for n in g["names"])
+
+
+class Padded(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.emb = nn.Embedding(10, width, padding_idx=0)
+        self.out = nn.Linear(width, 3)
+
+
+def test_embedding_padding_row_stays_zero():
+    model, _, _ = parametrize(lambda width: Padded(width), width=32, base_width=16)
+    assert torch.all(model.emb.weight[0] == 0) and model.emb.weight[1:].std() > 0.5
