@@ -105,6 +105,8 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         raise UserError("--workers", "must be > 0")
     if study_name is not None and not study_name.strip():
         raise UserError("--study-name", "must not be empty")
+    if out is not None and Path(out).is_dir():
+        raise UserError("--out", f"{str(out)!r} is a directory; give the hparams file's path")
     if plot is not None and Path(plot).suffix.lower() != ".png":
         raise UserError("--plot", f"{str(plot)!r} must end in .png")
     _check_params(recipe)
@@ -232,7 +234,8 @@ class Objective:
         finals, inits, steps_run = [], [], 0
         for s in range(r.search.seeds):
             seed = r.train.seed + s
-            p = experiment.build(r, self.width, hp, device=self.device, seed=seed)
+            # the width tuned at is the base: a plain model there, as `scale` rebuilds it from proxy_width
+            p = experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width)
             cfg = experiment.train_config(r, device=self.device, eval_every=report_every(r),
                                           divergence_factor=r.search.divergence_factor)
             rep = Reporter(trial, self.val, offset=s * r.train.steps)
