@@ -137,6 +137,8 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         note = spectral.mup_departure(role, *fans) or spectral.mup_departure(role, *base_fans)
         if name in tied_params:
             note = "tied: embedding rule; readout multiplier applied in the forward pass"
+            if s.shape[0] > s.shape[-1] or s.base_shape[0] > s.base_shape[-1]:
+                note += "; vocab > width: the readout's init ~ 1/sqrt(fan_in) and LR depart from 1/fan_in"
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
                               init, std, lr, wd, eps, note)
 

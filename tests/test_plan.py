@@ -118,7 +118,9 @@ def test_tied_readout_multiplier_by_hand():
     hp = HParams(multipliers={"output_mult": 2.0, "output_init": 1.5, "input_mult": 4.0})
     p = plan_at(128, args=args, hp=hp)
     assert p.readout_multipliers["head"] == pytest.approx(1 / 32 * 2.0 * 1.5 / 4.0)
-    assert "tied" in p.params["tok.weight"].note
+    assert "tied" in p.params["tok.weight"].note and "vocab > width" not in p.params["tok.weight"].note
+    big = plan_at(128, args=dict(ARGS, tied=True, vocab=200))
+    assert "vocab > width" in big.params["tok.weight"].note
 
 
 def test_to_json_has_the_documented_fields():
