@@ -9,7 +9,7 @@ import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,8 +20,25 @@ from .hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
 LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed")
 
 
+def _numeric(annotation) -> bool:
+    """int, float or an Optional of them."""
+    if annotation in (int, float):
+        return True
+    args = set(get_args(annotation)) - {type(None)}
+    return get_origin(annotation) is Union and bool(args) and args <= {int, float}
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are errors; inf/nan are not numbers a recipe means
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        # YAML's `true` would pass as 1 (steps: true -> 1 step); a number field wants a number
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("Input should be a number, not true/false")
+        return v
 
 
 class FactorySpec(_Strict):

@@ -76,6 +76,8 @@ CASES = {
     "negative width": (set_in(["widths", "target"], -8), ["widths.target"]),
     "proxy above target": (set_in(["widths", "proxy"], 128), ["widths", "above target"]),
     "negative lr": (set_in(["train", "lr"], -1e-3), ["train.lr", "greater than 0"]),
+    "infinite lr": (set_in(["train", "lr"], float("inf")), ["train.lr", "finite"]),
+    "boolean as a number": (set_in(["train", "steps"], True), ["train.steps", "number"]),
     "unknown loss": (set_in(["loss"], "hinge"), ["loss", "cross_entropy"]),
     "unknown optimizer": (set_in(["train", "optimizer"], "lion"), ["train.optimizer", "adamw"]),
     "unknown multiplier": (set_in(["train", "multipliers"], {"middle_lr": 2}), ["train.multipliers", "middle_lr"]),
