@@ -219,7 +219,14 @@ def _run_and_store(recipe: Recipe, cfg: SweepConfig, point: Point, path: str, fp
         import torch
 
         torch.set_num_threads(threads)
-    rec = run_point(recipe, cfg, point, device)
+    try:
+        rec = run_point(recipe, cfg, point, device)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a point that crashes is reported, not cached (a rerun retries it)
+        return {"parametrization": point.parametrization, "width": point.width, "param": cfg.param,
+                "value": point.value, "seed": point.seed, "loss": None, "diverged": False,
+                "error": f"{type(e).__name__}: {e}"}
     rec["fingerprint"] = fp
     write_json_atomic(Path(path), rec)
     return rec
@@ -255,7 +262,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
 
         def done(p: Point, rec: dict) -> None:
             results[p] = rec
-            loss = "diverged" if rec["loss"] is None else f"{rec['loss']:.4f}"
+            loss = "failed" if rec.get("error") else "diverged" if rec["loss"] is None else f"{rec['loss']:.4f}"
             bar.update(task, advance=1,
                        description=f"{LABEL[p.parametrization]} w={p.width} {cfg.param}={p.value:.3g}: {loss}")
 
@@ -408,6 +415,11 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
 
         plot_sweep(summary, Path(plot_path), title=f"{recipe.name}: {cfg.steps} steps, batch {cfg.batch_size}")
         console.print(f"wrote {plot_path}", highlight=False)
+    errors = [r for r in results.values() if r.get("error")]
+    if errors:
+        console.print(f"[yellow]{len(errors)} point(s) failed (not cached; a rerun retries them), e.g. "
+                      f"width {errors[0]['width']}, {cfg.param}={errors[0]['value']:.3g}: {errors[0]['error']}[/]",
+                      highlight=False)
     failed = all(r["loss"] is None for r in results.values())
     if failed:
         console.print("[red]every grid point diverged or failed[/]")

@@ -54,7 +54,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
         ax.set_ylim(ylo, yhi)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (mean of last steps)")
-    axes[0][-1].legend(fontsize=8, loc="upper right")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
     if title:
         fig.suptitle(title + "   (dotted: fitted optimum; x: diverged)", fontsize=10)
     fig.tight_layout()

@@ -177,3 +177,27 @@ def test_every_point_diverging_exits_1(recipe_file):
     res = _cli(recipe_file, "--widths", "16", "--lrs", "1e4,1e5", "--parametrization", "mup")
     assert res.exit_code == 1, res.output
     assert "diverged" in res.output
+
+
+def test_a_crashing_point_is_reported_and_not_cached(recipe_file, tmp_path):
+    (tmp_path / "crashy.py").write_text(
+        "import torch\n"
+        "from mutransfer.models import mlp\n"
+        "class Crashy(torch.nn.Module):\n"
+        "    def __init__(self, width, **kw):\n"
+        "        super().__init__()\n"
+        "        self.m, self.width = mlp(width=width, **kw), width\n"
+        "    def forward(self, x):\n"
+        "        if self.width == 32:\n"
+        "            raise RuntimeError('boom at 32')\n"
+        "        return self.m(x)\n"
+        "def model(width, **kw):\n"
+        "    return Crashy(width, **kw)\n")
+    p = tmp_path / "crashy.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "name": "crashy", "model": {**TINY["model"], "factory": "crashy:model"}}))
+    res = _cli(p, "--widths", "16,32", "--lrs", "0.03", "--parametrization", "mup", "--json", "c.json")
+    assert res.exit_code == 0, res.output
+    assert "1 point(s) failed" in res.output and "boom at 32" in res.output
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert d["results"]["mup"]["32"]["losses"] == [None] and d["results"]["mup"]["16"]["losses"][0] is not None
+    assert [f.name for f in (tmp_path / "runs/crashy/sweep").glob("*.json")] == ["mup-w16-lr0.03-s0.json"]
