@@ -84,3 +84,17 @@ def test_bad_width_flag(tmp_path, monkeypatch, width):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(RECIPE))
     res = CliRunner().invoke(app, ["scale", "r.yaml", "--dry-run", "--width", width, "--json", "p.json"])
     assert res.exit_code == 2 and "--width" in res.stderr and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "mlp-pysource", "gpt-pysource"])
+def test_shipped_recipes_explain(name):
+    from pathlib import Path
+
+    from mutransfer.explain import explain
+    from mutransfer.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    plan, shapes, cost = explain(r, r.widths.target)
+    assert plan.width == r.widths.target and shapes.unknown == []
+    assert cost.flops_per_step and cost.flops_per_step > 0, cost.flops_error
+    assert {p.role for p in plan.params.values()} >= {"input", "hidden", "output"}
