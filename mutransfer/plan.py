@@ -83,7 +83,9 @@ def _init_kind(kind: str, layout: str, role: str, zero_readout: bool) -> str:
         return "zeros"
     if kind == "gain":
         return "ones"
-    if kind == "raw" and layout in ("vector", "fixed"):
+    # a parameter declared `fixed` has no fans to scale by: it keeps its factory init (whatever its
+    # module), as do raw vectors, whose meaning (a gain? a bias? a scale?) the rule cannot know
+    if layout == "fixed" or (kind == "raw" and layout == "vector"):
         return "keep"
     if zero_readout and role == "output":
         return "zeros"

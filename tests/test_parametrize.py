@@ -163,3 +163,12 @@ class Padded(nn.Module):
 def test_embedding_padding_row_stays_zero():
     model, _, _ = parametrize(lambda width: Padded(width), width=32, base_width=16)
     assert torch.all(model.emb.weight[0] == 0) and model.emb.weight[1:].std() > 0.5
+
+
+def test_a_parameter_declared_fixed_keeps_its_factory_init():
+    def factory(width):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, width), nn.Linear(width, 2))
+    model, _, plan = parametrize(factory, width=32, base_width=16, layouts={"0.weight": "fixed"})
+    assert plan.params["0.weight"].init == "keep" and plan.params["0.weight"].init_std is None
+    assert torch.equal(model[0].weight, factory(32)[0].weight)
