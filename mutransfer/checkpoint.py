@@ -57,29 +57,31 @@ class Resumable:
 
 
 def rng_state() -> dict:
-    d: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+    """Every RNG a training step may draw from, as plain Python data (lists of ints: safe for
+    all_gather_object and for torch.load(weights_only=True))."""
+    d: dict[str, Any] = {"torch": torch.get_rng_state().tolist(), "python": _plain(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        d["cuda"] = torch.cuda.get_rng_state()
+        d["cuda"] = torch.cuda.get_rng_state().tolist()
     try:
         import numpy as np
 
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        d["numpy"] = [name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss]
+        d["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
     except ImportError:
         pass
     return d
 
 
 def set_rng_state(d: dict) -> None:
-    torch.set_rng_state(d["torch"])
+    torch.set_rng_state(torch.tensor(d["torch"], dtype=torch.uint8))
     random.setstate(_tuples(d["python"]))
     if "cuda" in d and torch.cuda.is_available():
-        torch.cuda.set_rng_state(d["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(d["cuda"], dtype=torch.uint8))
     if "numpy" in d:
         import numpy as np
 
         name, keys, pos, has_gauss, gauss = d["numpy"]
-        np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def _plain(x):

@@ -195,12 +195,14 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()):
         raise UserError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
-    say = out_console.print
-    say(f"[bold]hparams[/]: {src.source}", highlight=False)
+    def say(msg: str) -> None:
+        out_console.print(msg, highlight=False, soft_wrap=True)
+
+    say(f"[bold]hparams[/]: {src.source}")
     if o.resume and ckpt is None:
-        say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0", highlight=False)
+        say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
     if ckpt is not None:
-        say(f"[bold]resuming[/] from {newest} (step {start} of {steps})", highlight=False)
+        say(f"[bold]resuming[/] from {newest} (step {start} of {steps})")
 
     # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
     pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width)
@@ -247,7 +249,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
 
     say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
         f"{steps} steps, global batch {t.batch_size * t.grad_accum}, device {d.device}"
-        + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""), highlight=False)
+        + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""))
     state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward, no_sync=no_sync)
 
     # --- the outcome
@@ -265,19 +267,17 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         summary["status"] = "diverged"
         summary["reason"] = state.reason
         say(f"[red bold]training stopped[/]: {state.reason}; "
-            + (f"the last good checkpoint is {good}" if good else "no checkpoint was written (use --checkpoint-every)"),
-            highlight=False)
+            + (f"the last good checkpoint is {good}" if good else "no checkpoint was written (use --checkpoint-every)"))
         code = 1
     elif state.stop == "interrupted":
         summary["status"] = "interrupted"
-        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {ck_dir}; continue with --resume",
-            highlight=False)
+        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {ck_dir}; continue with --resume")
         code = 130
     else:
         summary["status"] = "finished"
         summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps)
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
-        say(f"[{colour}]{check['message']}[/]", highlight=False)
+        say(f"[{colour}]{check['message']}[/]")
     if d.main:
         _write(out / "summary.json", json.dumps(summary, indent=1, default=str))
         _print_summary(summary, say)
@@ -291,7 +291,7 @@ def _print_summary(s: dict, say) -> None:
     say(f"[bold]summary[/]: {s['parameters']:,} parameters, {s['steps']}/{s['steps_planned']} steps, "
         f"train loss {f(s['train_loss'])}, val loss {f(s['val_loss'])}, "
         f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s ({f(s['samples_per_s'], '{:,.1f}')} samples/s)"
-        + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""), highlight=False)
+        + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""))
     if s.get("transfer", {}).get("status") == "failed":
-        say(f"[red bold]{s['transfer']['message']}[/]", highlight=False)
-    say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}", highlight=False)
+        say(f"[red bold]{s['transfer']['message']}[/]")
+    say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}")
