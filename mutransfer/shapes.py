@@ -165,6 +165,12 @@ def infer_shapes(
                     f"parameter {n} has rank {base_p[n].dim()} at width {base_width} but {p.dim()} at {w}",
                 )
     new_p, ref_p = dict(new.named_parameters()), dict(ref.named_parameters())
+    if base_p and all(tuple(p.shape) == tuple(ref_p[n].shape) for n, p in base_p.items()):
+        raise UserError(
+            "model.factory",
+            f"no parameter changes shape between widths {base_width} and {ref_w}: "
+            "the factory must build its layers with the `width` it is given",
+        )
 
     owners = _owners(base)
     aliases: dict[int, list[str]] = {}

@@ -163,3 +163,10 @@ def test_nothing_is_allocated():
     assert s.params["blocks.0.fc.weight"].shape == (4 * 8192, 8192)
     m = build_meta(gpt, 8192, dict(layers=1, heads=8))
     assert all(p.device.type == "meta" for p in m.parameters())
+
+
+def test_a_factory_that_ignores_width_is_an_error():
+    with pytest.raises(UserError, match="no parameter changes shape between widths 16 and 64"):
+        infer_shapes(lambda width: nn.Linear(8, 8), {}, 16, 64)
+    with pytest.raises(UserError, match="widths 16 and 32"):          # same width: compared with 2x
+        infer_shapes(lambda width: nn.Linear(8, 8), {}, 16, 16)
