@@ -161,7 +161,7 @@ STUDY_ATTRS = ("width", "steps", "optimizer", "seeds")
 def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Study:
     """Create or load the study; refuse to mix trials from another width, step count, optimizer or seeds."""
     storage = open_storage(opts.storage, recipe.search.heartbeat)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are summarised by tune itself
     try:
         study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
                                     load_if_exists=True, pruner=make_pruner(recipe, opts.trials))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -23,6 +24,15 @@ from mutransfer.study import HEARTBEAT_ATTR, count_finished, fail_stale, open_st
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Trials are tiny: one torch thread is faster than two fighting over shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_recipe(path: Path, steps: int = 20, lr=(1e-3, 1e-1), **search) -> Path:
@@ -144,46 +154,62 @@ def test_journal_heartbeat_fails_only_stale_running_trials(tmp_path):
     assert states == {stale.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
 
-def test_sigkill_then_rerun_ends_with_exactly_n_finished(tmp_path):
-    tiny_recipe(tmp_path / "t.yaml", steps=150, trials=5, pruner="none")
-    url = f"sqlite:///{tmp_path / 'runs' / 'tiny' / 'study.db'}"
+def wait_for(proc: subprocess.Popen, url: str, db: Path, done: int, timeout: float = 60) -> list:
+    """Poll the study until `done` trials are COMPLETE and one is RUNNING; the trials then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                trials = load(url).get_trials()
+            except Exception:  # noqa: BLE001 - the study may not exist yet
+                trials = []
+            if (sum(t.state == TrialState.COMPLETE for t in trials) >= done
+                    and any(t.state == TrialState.RUNNING for t in trials)):
+                return trials
+        time.sleep(0.05)
+    proc.kill()
+    out, _ = proc.communicate()
+    raise AssertionError(f"the run ended or stalled before {done} trials finished:\n{out}")
+
+
+def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
+    tiny_recipe(tmp_path / "t.yaml", steps=100, trials=5, pruner="none")
+    db = tmp_path / "runs" / "tiny" / "study.db"
+    url = f"sqlite:///{db}"
+    # 1. killed with SIGKILL mid-trial: the trial stays RUNNING in the storage
     proc = spawn(tmp_path, "t.yaml")
-    deadline = time.time() + 60
-    before = None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "runs" / "tiny" / "study.db").exists():
-                try:
-                    trials = load(url).get_trials()
-                except Exception:  # noqa: BLE001 - the study may not exist yet
-                    trials = []
-                done = [t for t in trials if t.state == TrialState.COMPLETE]
-                if len(done) >= 2 and any(t.state == TrialState.RUNNING for t in trials):
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = time.time()
-                    before = {t.number: t.value for t in done}
-                    break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and before is None:
-            proc.kill()
-        proc.wait()
-    assert before is not None, "the first run finished or stalled before it could be killed"
+    trials = wait_for(proc, url, db, done=2)
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    proc.communicate()
     assert proc.returncode == -signal.SIGKILL
+    before = {t.number: t.value for t in load(url).get_trials() if t.state == TrialState.COMPLETE}
     orphan = [t.number for t in load(url).get_trials() if t.state == TrialState.RUNNING]
-    assert len(orphan) == 1
+    assert len(before) >= 2 and len(orphan) == 1
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))   # the heartbeat grace period (3 x 1 s)
-    rerun = spawn(tmp_path, "t.yaml")
-    out, _ = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, out
+    # 2. rerun, then Ctrl-C (SIGINT) mid-trial: clean stop, exit 130, finished trials kept
+    proc = spawn(tmp_path, "t.yaml")
+    wait_for(proc, url, db, done=len(before) + 1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "Traceback" not in out
+    trials = load(url).get_trials()
+    assert [t.state for t in trials if t.number in orphan] == [TrialState.FAIL]   # the heartbeat rule
+    assert not [t for t in trials if t.state == TrialState.RUNNING]              # Ctrl-C failed its trial
+    kept = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    assert len(kept) > len(before) and {k: kept[k] for k in before} == before
+    # 3. rerun to the end
+    proc = spawn(tmp_path, "t.yaml")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
     assert "resuming" in out
     trials = load(url).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 5                                  # exactly N
-    assert {t.number: t.value for t in finished if t.number in before} == before   # kept, not redone
-    assert [t.state for t in trials if t.number in orphan] == [TrialState.FAIL]
+    assert {t.number: t.value for t in finished if t.number in kept} == kept   # kept, not redone
     assert len({t.params["lr"] for t in finished}) == 5        # no trial repeated
-    assert len(trials) == 6
+    assert len(trials) == 7                                    # 5 finished + the killed + the interrupted
 
 
 def test_two_local_workers_share_one_journal_storage(tmp_path):
