@@ -116,7 +116,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
     for n in plan.notes:
         console.print(f"[yellow]note[/] {n}")
     if unknown:
-        console.print(f"[yellow]warning[/] parameters of no known module, classified by shape: {', '.join(unknown)}"
+        guessed = ", ".join(f"{n} as {plan.params[n].role}" if n in plan.params else n for n in unknown)
+        console.print(f"[yellow]warning[/] parameters of no known module, classified by shape: {guessed}"
                       " (declare them under `layouts:` if wrong)")
     flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
              else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")
