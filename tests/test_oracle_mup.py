@@ -256,3 +256,35 @@ def test_vocab_above_the_width_is_where_the_rule_and_mup_part(optimizer):
         assert all(p.note is None for n, p in plan.params.items() if n != "head.weight")
     # and the proxy itself starts the readout at the rule's std, sqrt(fan_out/fan_in) capped at 1
     assert plan0.params["head.weight"].init_std == pytest.approx(ALPHA / math.sqrt(PROXY))
+
+
+class MuTiedGPT(MuGPT):
+    def __init__(self, width, vocab, seq_len, layers=2, heads=4):
+        super().__init__(width, vocab, seq_len, layers, heads)
+        self.head = mup.MuSharedReadout(self.tok.weight, bias=False, output_mult=ALPHA)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_tied_readout_ratios_agree_with_mup_shared_readout(optimizer):
+    """Tied embedding/readout: mup's MuSharedReadout (forward x output_mult/width_mult) against our
+    forward pre-hook. Effective readout init std and LR (table x factor; factor^2 under SGD) move by
+    the same wide/proxy ratio, 1/k, while vocab <= width."""
+    eff = {}
+    for width in (PROXY, WIDE):
+        model = build_mup(MuTiedGPT, width, vocab=64, seq_len=16)
+        with torch.no_grad():   # mup's examples initialise after set_base_shapes (its readout rescale
+            model.tok.weight.normal_(0, 1)   # would otherwise also scale the shared table)
+        opt = (mup.MuAdam if optimizer == "adam" else mup.MuSGD)(model.parameters(), lr=LR)
+        c = model.head.output_mult / model.head.width_mult()
+        lr = group_lr(opt)[id(model.tok.weight)]
+        mine_model, mine_opt, plan = parametrize(gpt, width=width, base_width=PROXY, optimizer=optimizer,
+                                                 hparams=HParams(lr=LR, multipliers={"output_mult": ALPHA}),
+                                                 args=dict(layers=2, heads=4, vocab=64, seq_len=16, tied=True))
+        h = plan.readout_multipliers["head"]
+        mine_lr = group_lr(mine_opt)[id(mine_model.tok.weight)]
+        p = 1 if optimizer == "adam" else 2
+        eff[width] = (model.tok.weight.std().item() * c, lr * c ** p,
+                      mine_model.tok.weight.std().item() * h, mine_lr * h ** p)
+    r = [eff[WIDE][i] / eff[PROXY][i] for i in range(4)]
+    assert r[0] == pytest.approx(1 / K, rel=0.08) and r[2] == pytest.approx(1 / K, rel=0.08)   # init
+    assert r[1] == pytest.approx(1 / K) and r[3] == pytest.approx(1 / K)                         # LR
