@@ -63,3 +63,29 @@ def test_standard_parametrization_fails_the_same_measurement():
     # hidden updates grow like the width (slope 1, not 0)
     assert abs(s["output"][0] - (-0.5)) > 0.35
     assert abs(s["hidden"][1] - 0.0) > 0.7
+
+
+def test_adam_l2_keeps_its_size_next_to_the_gradient():
+    """Adam's coupled L2 (weight_decay of torch.optim.Adam) enters as wd * W next to the gradient g and
+    is normalised with it. With the rule's scaling the entrywise ratio rms(wd * W) / rms(g) is flat in
+    width for every layer; with a fixed wd it drifts like n (input), sqrt(n) (hidden), 1/n (output)."""
+    ratio = {"rule": [], "fixed": []}
+    for w in WIDTHS:
+        model, opt, _ = parametrize(mlp, width=w, base_width=WIDTHS[0], optimizer="adam",
+                                    hparams=HParams(lr=1e-3, weight_decay=0.1),
+                                    args=dict(in_dim=IN, out_dim=OUT, depth=2, bias=False))
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, IN, generator=g), torch.randint(0, OUT, (32,), generator=g)
+        F.cross_entropy(model(x), y).backward()
+        wd = {n: grp["weight_decay"] for grp in opt.param_groups for n in grp["names"]}
+        params = dict(model.named_parameters())
+        rms = lambda t: t.detach().pow(2).mean().sqrt().item()  # noqa: E731
+        for mode in ratio:
+            ratio[mode].append({r: (wd[n] if mode == "rule" else 0.1) * rms(params[n]) / rms(params[n].grad)
+                                for r, n in LAYERS.items()})
+    logw = np.log(WIDTHS)
+    slope = {m: {r: float(np.polyfit(logw, np.log([row[r] for row in rows]), 1)[0]) for r in LAYERS}
+             for m, rows in ratio.items()}
+    for r in LAYERS:
+        assert abs(slope["rule"][r]) < 0.15, (r, slope)
+    assert slope["fixed"]["input"] > 0.8 and slope["fixed"]["hidden"] > 0.3 and slope["fixed"]["output"] < -0.8
