@@ -157,7 +157,7 @@ def train(
     if cuda and config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    fwd = forward or model
+    fwd = forward if forward is not None else model
     world = _world()
     state = State(model, optimizer, config, step=config.start_step)
     for g in optimizer.param_groups:
