@@ -119,6 +119,26 @@ def test_every_trial_diverging_exits_1_and_writes_nothing(tmp_path, monkeypatch)
     assert not Path("runs/tiny/hparams.yaml").exists()
 
 
+@pytest.mark.parametrize("sampler, pruner", [("gp", "hyperband"), ("tpe", "median"), ("cmaes", "none")])
+def test_each_sampler_and_pruner_runs(tmp_path, monkeypatch, sampler, pruner):
+    monkeypatch.chdir(tmp_path)
+    tiny_recipe(Path("t.yaml"), steps=10, trials=2, sampler=sampler, pruner=pruner, startup_trials=1,
+                params={"lr": {"low": 1e-3, "high": 1e-1, "log": True}, "output_init": {"low": 0.5, "high": 2.0}})
+    res = cli("t.yaml")
+    try:
+        import cmaes  # noqa: F401
+        have_cmaes = True
+    except ImportError:
+        have_cmaes = False
+    if sampler == "cmaes" and not have_cmaes:   # an optional package: a clear exit-2 line, nothing run
+        assert res.exit_code == 2 and "pip install cmaes" in res.output and not Path("runs").exists()
+        return
+    assert res.exit_code == 0, res.output
+    study = load("sqlite:///runs/tiny/study.db")
+    assert count_finished(study) == 2
+    assert read_hparams_file("runs/tiny/hparams.yaml")["hparams"].keys() == {"lr", "output_init"}
+
+
 @pytest.mark.parametrize("args, where", [
     (["--trials", "0"], "--trials"),
     (["--workers", "0"], "--workers"),
@@ -154,8 +174,13 @@ def test_journal_heartbeat_fails_only_stale_running_trials(tmp_path):
     assert states == {stale.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
 
-def wait_for(proc: subprocess.Popen, url: str, db: Path, done: int, timeout: float = 60) -> list:
-    """Poll the study until `done` trials are COMPLETE and one is RUNNING; the trials then."""
+def mid_trial(t, steps: int) -> bool:
+    """RUNNING with its first reports in and at least 40 % of its steps to go (so a signal lands inside it)."""
+    return t.state == TrialState.RUNNING and bool(t.intermediate_values) and max(t.intermediate_values) <= 0.6 * steps
+
+
+def wait_for(proc: subprocess.Popen, url: str, db: Path, done: int, steps: int, timeout: float = 60) -> list:
+    """Poll the study until `done` trials are COMPLETE and another is mid-trial; the trials then."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if db.exists():
@@ -164,9 +189,9 @@ def wait_for(proc: subprocess.Popen, url: str, db: Path, done: int, timeout: flo
             except Exception:  # noqa: BLE001 - the study may not exist yet
                 trials = []
             if (sum(t.state == TrialState.COMPLETE for t in trials) >= done
-                    and any(t.state == TrialState.RUNNING for t in trials)):
+                    and any(mid_trial(t, steps) for t in trials)):
                 return trials
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.kill()
     out, _ = proc.communicate()
     raise AssertionError(f"the run ended or stalled before {done} trials finished:\n{out}")
@@ -178,7 +203,7 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     url = f"sqlite:///{db}"
     # 1. killed with SIGKILL mid-trial: the trial stays RUNNING in the storage
     proc = spawn(tmp_path, "t.yaml")
-    trials = wait_for(proc, url, db, done=2)
+    wait_for(proc, url, db, done=2, steps=100)
     proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
     proc.communicate()
@@ -189,7 +214,7 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))   # the heartbeat grace period (3 x 1 s)
     # 2. rerun, then Ctrl-C (SIGINT) mid-trial: clean stop, exit 130, finished trials kept
     proc = spawn(tmp_path, "t.yaml")
-    wait_for(proc, url, db, done=len(before) + 1)
+    wait_for(proc, url, db, done=len(before) + 1, steps=100)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
