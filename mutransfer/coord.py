@@ -15,7 +15,6 @@ log(value at the last step, averaged over seeds) against log(width). A slope abo
 """
 from __future__ import annotations
 
-import gc
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -128,50 +127,65 @@ class Probe:
 
     def __init__(self, model: nn.Module, x: torch.Tensor):
         self.model, self.x = model, x
+        self.names = {id(m): (n or ROOT) for n, m in model.named_modules()}
         self.x0: dict[str, list[torch.Tensor]] = {}
-        self._cur: dict[str, list[torch.Tensor]] = {}
+        self._first = True
+        self._sums: dict[str, list] = {}      # name -> [sum |x|, sum |x - x0|, numel, calls]
+        self._seen: dict[tuple, tuple] = {}   # (id(x), id(x0)) -> sums: identity hook points, the root
 
-    def _hook(self, name: str):
-        def f(module, args, out):
-            t = _first_float(out)
-            if t is not None:
-                self._cur.setdefault(name, []).append(t.detach().float())
-        return f
+    def _hook(self, module, args, out) -> None:
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        t = out if torch.is_tensor(out) and out.is_floating_point() else _first_float(out)
+        if t is None:
+            return
+        acc = self._sums.get(name)
+        if acc is None:
+            acc = self._sums[name] = [0.0, 0.0, 0, 0]
+        if self._first:
+            self.x0.setdefault(name, []).append(t)
+        refs = self.x0.get(name, ())
+        call = acc[3]
+        acc[3] += 1
+        ref = refs[call] if call < len(refs) else None
+        if ref is None or ref.shape != t.shape or acc[2] < 0:
+            acc[2] = -1                       # the output changed shape or call count: not comparable
+            return
+        key = (id(t), id(ref))
+        hit = self._seen.get(key)
+        if hit is None:
+            t32, r32 = t.float(), ref.float()
+            hit = self._seen[key] = (t32.norm(p=1), torch.dist(t32, r32, p=1), t.numel(), t, ref)
+        acc[0] = acc[0] + hit[0]
+        acc[1] = acc[1] + hit[1]
+        acc[2] += hit[2]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self) -> dict[str, tuple[float, float]]:
         model = self.model
         was = model.training
-        handles = [m.register_forward_hook(self._hook(n or ROOT)) for n, m in model.named_modules()]
+        self._sums, self._seen = {}, {}
+        # one global forward hook for the duration of this forward pass (cheaper than one per module)
+        handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         devices = [self.x.device] if self.x.device.type == "cuda" else []
-        self._cur = {}
         try:
             model.eval()
             with torch.random.fork_rng(devices=devices):
                 model(self.x)
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
             model.train(was)
-        first = not self.x0
-        names, acts, upds = [], [], []
-        for name, outs in self._cur.items():
-            if first:
-                self.x0[name] = outs
-            ref = self.x0.get(name)
-            if ref is None or len(ref) != len(outs) or any(a.shape != b.shape for a, b in zip(ref, outs)):
-                continue
-            n = sum(o.numel() for o in outs)
-            if n == 0:
-                continue
-            names.append(name)
-            acts.append(sum(o.abs().sum() for o in outs) / n)
-            upds.append(sum((o - r).abs().sum() for o, r in zip(outs, ref)) / n)
-        self._cur = {}
+            self._first = False
+        names = [n for n, acc in self._sums.items() if acc[2] > 0 and acc[3] == len(self.x0.get(n, ()))]
+        self._seen = {}
         if not names:
             return {}
-        vals = torch.stack([torch.stack(acts), torch.stack(upds)]).cpu().tolist()   # one device sync
-        return {n: (vals[0][i], vals[1][i]) for i, n in enumerate(names)}
+        sums = torch.stack([torch.as_tensor(self._sums[n][i], dtype=torch.float32, device=self.x.device)
+                            for i in (0, 1) for n in names])
+        vals = sums.cpu().tolist()            # one device sync for every module
+        k = len(names)
+        return {n: (vals[i] / self._sums[n][2], vals[k + i] / self._sums[n][2]) for i, n in enumerate(names)}
 
 
 class Recorder:
@@ -203,7 +217,15 @@ def probe_batch(recipe: Recipe, batch_size: int, device: str) -> torch.Tensor:
     return x.to(device)
 
 
-def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: torch.Tensor) -> Run:
+def training_batches(recipe: Recipe, s: Settings, seed_index: int) -> list:
+    """The first s.steps training batches of seed `seed_index`, drawn once and reused at every width
+    (the data then cannot differ between widths, and the stream is not re-read per width)."""
+    it = experiment.data_stream(recipe, "train", recipe.train.seed + seed_index, s.batch_size)
+    return [experiment.first_batch(it, "data") for _ in range(s.steps)]
+
+
+def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: torch.Tensor,
+                batches: Optional[list] = None) -> Run:
     """Build the model at `width`, train it s.steps steps through train.train(), probing each step."""
     seed = recipe.train.seed + seed_index
     hp = HParams.from_train(recipe.train).with_values({"lr": s.lr})
@@ -212,7 +234,7 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
     cfg = experiment.train_config(recipe, s.device, steps=s.steps, schedule="constant", warmup=0,
                                   grad_clip=None, grad_accum=1, eval_every=0, log_every=s.steps)
     rec = Recorder(Probe(model, x))
-    data = experiment.data_stream(recipe, "train", seed, s.batch_size)
+    data = iter(batches) if batches is not None else experiment.data_stream(recipe, "train", seed, s.batch_size)
     from .train import train  # the one training loop
 
     try:
@@ -227,11 +249,11 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
 def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None) -> list[Run]:
     """Every (width, seed) in turn, one model in memory at a time. on_run(width, seed) after each."""
     x = probe_batch(recipe, s.batch_size, s.device)
+    data = {k: training_batches(recipe, s, k) for k in range(s.seeds)}
     runs = []
     for w in s.widths:
         for k in range(s.seeds):
-            runs.append(measure_one(recipe, s, w, k, x))
-            gc.collect()
+            runs.append(measure_one(recipe, s, w, k, x, data[k]))   # the model is freed on return
             if s.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             if on_run:

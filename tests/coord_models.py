@@ -177,21 +177,23 @@ def resmlp(width: int, in_dim: int = 32, classes: int = 10, blocks: int = 2) -> 
 
 
 class ConvNet(nn.Module):
-    """Convolutions with unequal channel counts (width and 2 width), a 1x1 residual branch and
-    BatchNorm, average-pooled into a linear readout."""
+    """Convolutions with unequal channel counts (width / 2, then width), a strided 3x3 conv with a
+    1x1 residual branch, BatchNorm, and a 1x1 conv, average-pooled into a linear readout."""
 
     def __init__(self, width: int, channels: int, classes: int):
         super().__init__()
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.conv = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
-        self.skip = nn.Conv2d(width, 2 * width, 1, stride=2, bias=False)
-        self.mix = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.head = nn.Linear(2 * width, classes)
+        half = width // 2
+        self.stem = nn.Conv2d(channels, half, 3, padding=1)
+        self.bn = nn.BatchNorm2d(half)
+        self.conv = nn.Conv2d(half, width, 3, padding=1, stride=2)
+        self.skip = nn.Conv2d(half, width, 1, stride=2, bias=False)
+        self.mix = nn.Conv2d(width, width, 1)
+        self.head = nn.Linear(width, classes)
 
     def forward(self, x):
         h = F.relu(self.bn(self.stem(x)))
-        h = self.skip(h) + self.mix(F.relu(self.conv(h)))
+        h = self.skip(h) + F.relu(self.conv(h))
+        h = h + self.mix(F.relu(h))
         return self.head(F.relu(h).mean(dim=(2, 3)))
 
 
