@@ -321,9 +321,14 @@ def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Stu
                 p.join(timeout=1.0 / len(procs))
             bar.update(task, completed=min(opts.trials, count_finished(study)), best=_best_text(study))
     except KeyboardInterrupt:
+        # a terminal's Ctrl-C reached the workers too: give them a moment before signalling them
+        # ourselves (a `kill -INT` to this process alone did not), so none gets a second interrupt
+        deadline = time.time() + 3
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
         for p in procs:
             if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)   # a terminal already sent it; a `kill -INT` to us did not
+                os.kill(p.pid, signal.SIGINT)
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():
