@@ -64,17 +64,20 @@ def note(row) -> str:
 
 def render(res: Result, console: Optional[Console] = None, limit: Optional[int] = None) -> None:
     """The table, worst slope first, then the verdict line."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:   # piped or logged: do not squeeze module names into 80 columns
+            console = Console(width=max(console.width, 150))
     s = res.settings
     t = Table(title=f"coord-check ({s.parametrization}, {s.optimizer}, lr {s.lr:g}, {s.steps} steps, "
                     f"{s.seeds} seed{'s' * (s.seeds > 1)}): values at t = {s.steps}")
-    t.add_column("module")
-    t.add_column("stat")
+    t.add_column("module", no_wrap=True)
+    t.add_column("stat", no_wrap=True)
     for w in s.widths:
         t.add_column(f"w={w}", justify="right")
     t.add_column("slope", justify="right")
     t.add_column("± seeds", justify="right")
-    t.add_column("verdict")
+    t.add_column("verdict", no_wrap=True)
     rows = res.worst_first
     for r in rows[:limit] if limit else rows:
         c = COLOURS[r.flag]
