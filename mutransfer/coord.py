@@ -15,8 +15,12 @@ log(value at the last step, averaged over seeds) against log(width). A slope abo
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -246,19 +250,67 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
     return Run(width, seed_index, rec.records, state.diverged, state.reason)
 
 
-def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None) -> list[Run]:
-    """Every (width, seed) in turn, one model in memory at a time. on_run(width, seed) after each."""
-    x = probe_batch(recipe, s.batch_size, s.device)
-    data = {k: training_batches(recipe, s, k) for k in range(s.seeds)}
+def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
+            cache_dir: Optional[Path] = None) -> list[Run]:
+    """Every (width, seed) in turn, one model in memory at a time. on_run(width, seed) after each.
+    With cache_dir, each finished run is saved there and runs already saved (same recipe and
+    settings) are loaded instead of trained: an interrupted check resumes where it stopped."""
+    cache = cache_dir / cache_key(recipe, s) if cache_dir is not None else None
+    x = data = None
     runs = []
     for w in s.widths:
         for k in range(s.seeds):
-            runs.append(measure_one(recipe, s, w, k, x, data[k]))   # the model is freed on return
-            if s.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            run_ = load_run(cache, w, k) if cache is not None else None
+            if run_ is None:
+                if x is None:
+                    x = probe_batch(recipe, s.batch_size, s.device)
+                    data = {j: training_batches(recipe, s, j) for j in range(s.seeds)}
+                run_ = measure_one(recipe, s, w, k, x, data[k])   # the model is freed on return
+                if cache is not None:
+                    save_run(cache, run_)
+                if s.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            runs.append(run_)
             if on_run:
                 on_run(w, k)
     return runs
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+def cache_key(recipe: Recipe, s: Settings) -> str:
+    """Everything a run's numbers depend on: the recipe (minus its name and coord_check section,
+    which only feed the settings) and the settings, device excluded."""
+    d = recipe.model_dump(mode="json", exclude={"name", "coord_check", "search", "sweep"})
+    d["settings"] = {k: v for k, v in asdict(s).items() if k != "device"}
+    d["probe_seed"] = PROBE_SEED
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_path(cache: Path, width: int, seed: int) -> Path:
+    return cache / f"w{width}-s{seed}.json"
+
+
+def save_run(cache: Path, r: Run) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    path = _run_path(cache, r.width, r.seed)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"width": r.width, "seed": r.seed, "diverged": r.diverged, "reason": r.reason,
+                               "records": [{n: list(v) for n, v in rec.items()} for rec in r.records]}))
+    os.replace(tmp, path)
+
+
+def load_run(cache: Path, width: int, seed: int) -> Optional[Run]:
+    """A saved run, or None when there is none or it cannot be read (it is then measured again)."""
+    path = _run_path(cache, width, seed)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        records = [{n: (float(v[0]), float(v[1])) for n, v in rec.items()} for rec in d["records"]]
+        return Run(int(d["width"]), int(d["seed"]), records, bool(d["diverged"]), str(d["reason"]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------ verdict
@@ -363,5 +415,6 @@ def verdict(runs: list[Run], s: Settings) -> Result:
     return Result(s, rows, diverged)
 
 
-def run(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None) -> Result:
-    return verdict(measure(recipe, s, on_run), s)
+def run(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
+        cache_dir: Optional[Path] = None) -> Result:
+    return verdict(measure(recipe, s, on_run, cache_dir), s)

@@ -88,6 +88,12 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
         console.print(f"[bold red]diverged[/] {d}")
     nb = sum(r.flag == "blowup" for r in res.rows)
     nv = sum(r.flag == "vanishing" for r in res.rows)
+    if nv:
+        console.print("[yellow]vanishing[/]: updates that shrink with width, as in the kernel regime: some "
+                      "layer's LR scaling is too small, or (often at small widths with a large LR or many "
+                      "steps) the narrow models move more than the limit; compare t = 1 (--json series). "
+                      "Shrinking act (muP readouts, 1/d attention logits at init) is expected and not flagged.",
+                      highlight=False)
     if res.verdict == "ok":
         console.print(f"[green]verdict: ok[/] (no slope above {BLOWUP_SLOPE:+.2f})"
                       + (f"; [yellow]{nv} vanishing-update warning(s)[/] (slope below {VANISH_SLOPE:+.2f})" if nv else ""))
@@ -214,8 +220,8 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
     check_output(json_path, "--json", ".json")
     check_output(plot_path, "--plot", ".png")
     check_recipe(recipe)
-    with progress(s) as on_run:
-        res = coord.run(recipe, s, on_run)
+    with progress(s) as on_run:   # finished runs are kept in runs/<name>/coord-check/: a rerun resumes
+        res = coord.run(recipe, s, on_run, cache_dir=Path("runs") / recipe.name / "coord-check")
     render(res, console)
     if json_path:
         write_json(res, json_path)

@@ -198,7 +198,8 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def test_command_exit_codes_json_and_plot(tmp_path):
+def test_command_exit_codes_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                # runs/<name>/coord-check/ goes here
     runner = CliRunner()
     recipe = _write(tmp_path)
     out = tmp_path / "out"
@@ -220,6 +221,34 @@ def test_command_exit_codes_json_and_plot(tmp_path):
     assert sp.exit_code == 1, sp.output
     assert json.loads((out / "sp.json").read_text())["verdict"] == "blowup"
     assert "blowup" in sp.output
+    assert len(list((tmp_path / "runs" / "mlpcc" / "coord-check").glob("*/w*-s0.json"))) == 8   # 4 widths x 2
+
+
+def test_interrupted_check_resumes_from_saved_runs(tmp_path, monkeypatch):
+    r = _recipe("builtin:mlp", VEC, 3e-3, batch_size=8)
+    s = coord.resolve(r, widths=[16, 32, 64], steps=2, seeds=1)
+    real = coord.measure_one
+    calls = []
+
+    def interrupted(recipe, s_, w, k, x, batches=None):
+        if w == 64:
+            raise KeyboardInterrupt
+        calls.append(w)
+        return real(recipe, s_, w, k, x, batches)
+
+    monkeypatch.setattr(coord, "measure_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        coord.run(r, s, cache_dir=tmp_path)
+    assert calls == [16, 32]
+    calls.clear()
+    monkeypatch.setattr(coord, "measure_one", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    resumed = coord.run(r, s, cache_dir=tmp_path)
+    assert calls == [64]                                       # 16 and 32 were loaded, not retrained
+    fresh = coord.run(r, s)
+    assert [(x.name, x.statistic, x.values) for x in resumed.rows] == \
+        [(x.name, x.statistic, x.values) for x in fresh.rows]
+    other = coord.resolve(r, widths=[16, 32, 64], steps=3, seeds=1)
+    assert coord.cache_key(r, other) != coord.cache_key(r, s)  # other settings never reuse these runs
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -231,7 +260,8 @@ def test_command_exit_codes_json_and_plot(tmp_path):
     (["--json", "{tmp}/x.txt"], "--json"),
     (["--plot", "{tmp}/x.jpg"], "--plot"),
 ])
-def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, extra, needle):
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, extra, needle):
+    monkeypatch.chdir(tmp_path)
     recipe = _write(tmp_path)
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     r = CliRunner().invoke(app, ["coord-check", str(recipe), "--steps", "1"] + extra)
@@ -241,7 +271,8 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, extra, needl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.yaml"]
 
 
-def test_bad_recipe_and_factory_exit_2(tmp_path):
+def test_bad_recipe_and_factory_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     bad = _write(tmp_path, "bad.yaml", coord_check={"widths": [64], "steps": 3})
     r = runner.invoke(app, ["coord-check", str(bad)])
