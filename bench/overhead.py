@@ -7,8 +7,9 @@
 (a single optimizer group), "mup" is `experiment.build` (per-layer init, LR, eps and weight decay in
 several optimizer groups, forward pre-hooks for tied readouts). Both use the same optimizer class
 and flags (fused AdamW on CUDA), the same batches and THE training loop (train.train). They are
-timed interleaved in chunks of --chunk steps (A B A B ...), so drifts in machine load hit both; each
-step's time is the gap between consecutive on_step callbacks (the loop syncs on the loss every step).
+timed interleaved in chunks of --chunk steps (A B C, B C A, C A B, ...), so drifts in machine load
+and position effects hit all alike; each step's time is the gap between consecutive on_step
+callbacks (the loop syncs on the loss every step).
 Prints medians, quartiles and the ratio mup / plain (goal <= 1.02), plus the ratio between two
 identical plain models timed in the same rotation (plain2 / plain) as the noise floor.
 """
@@ -93,8 +94,12 @@ def main(argv=None):
     print(f"{recipe.name} width {a.width} on {dev}: {len(mup.optimizer.param_groups)} muP optimizer groups vs 1; "
           f"{sum(p.numel() for p in plain_model.parameters()):,} parameters; {a.steps} timed steps each")
     fwds = {k: (torch.compile(m) if a.compile else None) for k, (m, _) in variants.items()}
+    names, rnd = list(variants), 0
     while min(done.values()) < total:
-        for name, (model, opt) in variants.items():
+        order = names[rnd % len(names):] + names[:rnd % len(names)]   # rotate who goes first each round
+        rnd += 1
+        for name in order:
+            model, opt = variants[name]
             n = min(a.chunk, total - done[name])
             if n <= 0:
                 continue
