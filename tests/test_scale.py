@@ -132,6 +132,30 @@ def test_kill_and_resume_gives_the_same_final_loss(recipe, reference):
     assert got[-1]["val_loss"] == want[-1]["val_loss"]
 
 
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(recipe, reference):
+    ref, _ = reference
+    out = recipe.parent / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mutransfer.cli", "scale", str(recipe), "--device", "cpu", "--out", str(out),
+         "--checkpoint-every", "10", "--hparams", str(recipe.parent / "hp.yaml")],
+        cwd=recipe.parent, env=dict(_env(), MUTRANSFER_TEST_SLOW_AFTER="12"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    first = out / "checkpoints" / "step-00000010.pt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted at step" in text and "--resume" in text
+    steps = [int(p.name[5:13]) for p in (out / "checkpoints").glob("step-*.pt")]
+    assert 10 < max(steps) < 20                      # the step in flight finished and was saved
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    r = scale(recipe, "--device", "cpu", "--out", out, "--resume", "--hparams", recipe.parent / "hp.yaml")
+    assert r.exit_code == 0, r.output
+    assert metrics(out)[-1]["loss"] == metrics(ref)[-1]["loss"]
+
+
 def test_nan_loss_exits_1_and_keeps_the_last_good_checkpoint(tmp_path):
     p = tmp_path / "nan.yaml"
     p.write_text(yaml.safe_dump({
