@@ -61,6 +61,17 @@ class MetricsFile:
         self.f = None
         self.t0 = time.perf_counter()
         self.last: dict = {}
+        self.rates: list[dict] = []   # throughput and MFU of every logging interval of this process
+
+    def typical(self) -> dict:
+        """Median samples/s, tokens/s and MFU over the logging intervals (robust to the first
+        interval's compile and warm-up time)."""
+        out = {}
+        for k in ("samples_per_s", "tokens_per_s", "mfu"):
+            xs = sorted(r[k] for r in self.rates if r.get(k) is not None)
+            if xs:
+                out[k] = xs[len(xs) // 2]
+        return out
 
     def on_start(self, state) -> None:
         kept = []
@@ -91,6 +102,8 @@ class MetricsFile:
             rec["mfu"] = round(m, 4)
         rec["elapsed_s"] = round(time.perf_counter() - self.t0, 3)
         self.last = rec
+        if state.step % c.log_every == 0 or state.step == c.steps:   # intervals whose throughput is fresh
+            self.rates.append({k: rec.get(k) for k in ("samples_per_s", "tokens_per_s", "mfu")})
         self.f.write(json.dumps(rec) + "\n")
 
     def on_end(self, state) -> None:
@@ -121,8 +134,10 @@ class LiveProgress:
         info = f"loss {state.loss:.4f}"
         if self.val is not None:
             info += f" val {self.val:.4f}"
-        if state.tokens_per_s:
+        if state.tokens_per_s and state.tokens_per_s != state.samples_per_s:
             info += f" {state.tokens_per_s:,.0f} tok/s"
+        elif state.samples_per_s:
+            info += f" {state.samples_per_s:,.1f} samples/s"
         m = (self.metrics.last or {}).get("mfu") if self.metrics else None
         if m is not None:
             info += f" MFU {100 * m:.1f}%"

@@ -253,11 +253,12 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward, no_sync=no_sync)
 
     # --- the outcome
-    last = metrics.last if metrics is not None else {}
+    typical = metrics.typical() if metrics is not None else {}
     summary: dict[str, Any] = {
         "recipe": recipe.name, "width": width, "proxy_width": src.base_width, "parameters": n_params,
         "steps": state.step, "steps_planned": steps, "train_loss": state.loss, "val_loss": state.val_loss,
-        "samples_per_s": state.samples_per_s, "tokens_per_s": state.tokens_per_s, "mfu": last.get("mfu"),
+        "samples_per_s": typical.get("samples_per_s", state.samples_per_s),
+        "tokens_per_s": typical.get("tokens_per_s"), "mfu": typical.get("mfu"),
         "hparams": src.source, "out": str(out), "metrics": str(out / "metrics.jsonl"),
         "checkpoints": str(ck_dir), "world_size": d.world,
     }
@@ -290,7 +291,8 @@ def _print_summary(s: dict, say) -> None:
 
     say(f"[bold]summary[/]: {s['parameters']:,} parameters, {s['steps']}/{s['steps_planned']} steps, "
         f"train loss {f(s['train_loss'])}, val loss {f(s['val_loss'])}, "
-        f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s ({f(s['samples_per_s'], '{:,.1f}')} samples/s)"
+        + (f"{s['tokens_per_s']:,.0f} tokens/s, " if s.get("tokens_per_s") is not None else "")
+        + f"{f(s['samples_per_s'], '{:,.1f}')} samples/s (median over logging intervals)"
         + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""))
     if s.get("transfer", {}).get("status") == "failed":
         say(f"[red bold]{s['transfer']['message']}[/]")

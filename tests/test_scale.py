@@ -100,6 +100,7 @@ def test_thirty_step_cpu_run_writes_a_reproducible_record(reference):
     assert json.loads((out / "versions.json").read_text())["torch"] == torch.__version__
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "finished" and s["steps"] == 30 and s["val_loss"] == m[-1]["val_loss"]
+    assert s["tokens_per_s"] == sorted(x["tokens_per_s"] for x in m)[3]   # median of the 6 intervals
     assert s["transfer"]["status"] == "skipped"              # the file has no best_value
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020.pt", "step-00000030.pt"]
 
