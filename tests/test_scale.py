@@ -238,3 +238,53 @@ def test_torchrun_two_processes_match_one_ddp_then_fsdp_resuming(recipe, referen
     assert "FSDP2" in out and "step 20" in out
     assert final_val(fsdp) == pytest.approx(v2, rel=1e-4)
     assert [m["step"] for m in metrics(fsdp)] == [m["step"] for m in metrics(ddp)]
+
+
+def test_data_position_restores_by_skipping_or_by_state_dict():
+    from mutransfer.checkpoint import Resumable
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield torch.randint(0, 9, (2,), generator=g), None
+
+    a = Resumable(stream(3))
+    for _ in range(5):
+        next(a)
+    b = Resumable(stream(3))
+    b.load_state_dict(a.state_dict())                       # re-created and advanced 5 batches
+    assert b.position == 5 and torch.equal(next(a)[0], next(b)[0])
+
+    class Stateful:
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            self.i += 1
+            return self.i
+
+        def state_dict(self):
+            return {"i": self.i}
+
+        def load_state_dict(self, d):
+            self.i = d["i"]
+
+    s = Resumable(Stateful())
+    next(s), next(s)
+    assert s.state_dict() == {"position": 2, "inner": {"i": 2}}
+    t = Resumable(Stateful())
+    t.load_state_dict(s.state_dict())                        # restored, not replayed
+    assert next(t) == 3 and t.position == 3
+
+
+def test_rng_states_round_trip():
+    import random
+
+    from mutransfer.checkpoint import rng_state, set_rng_state
+
+    st = rng_state()
+    want = (torch.rand(3), random.random())
+    torch.rand(5), random.random()
+    set_rng_state(st)
+    got = (torch.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and want[1] == got[1]
