@@ -265,7 +265,7 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
                study: Optional[optuna.Study] = None) -> optuna.Study:
     """Run trials until the storage holds opts.trials finished ones (checked before every trial)."""
     study = study or open_study(opts, recipe, worker)
-    objective = Objective(recipe, opts.width)
+    objective: Optional[Objective] = None   # built at the first trial: a finished study needs no data
     grace = 3 * recipe.search.heartbeat
     journal = not is_rdb(study)
 
@@ -279,6 +279,7 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
         fail_stale(study, grace)
         if count_finished(study) >= opts.trials:
             return study
+        objective = objective or Objective(recipe, opts.width)
         study.optimize(run, n_trials=1, catch=(), gc_after_trial=False)
         if on_trial is not None:
             on_trial(study)
