@@ -288,3 +288,15 @@ def test_rng_states_round_trip():
     set_rng_state(st)
     got = (torch.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and want[1] == got[1]
+
+
+def test_transfer_is_relative_to_the_width_the_file_was_tuned_at(recipe, tmp_path):
+    from mutransfer.recipe import load_recipe
+    from mutransfer.scale import resolve_hparams
+
+    r = load_recipe(recipe)
+    p = write_hparams_file(tmp_path / "h.yaml", recipe="tiny.yaml", proxy_width=8, optimizer="adamw",
+                           hparams={"lr": 0.02, "output_init": 2.0}, best_value=3.0, study="s", storage="none")
+    src = resolve_hparams(r, str(p))
+    assert src.base_width == 8 and src.hparams.lr == 0.02 and src.hparams.mult("output", "init") == 2.0
+    assert resolve_hparams(r, None, runs_dir=str(tmp_path)).base_width == 16     # no file: the recipe's proxy
