@@ -98,9 +98,9 @@ def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) 
     if val_loss > best:
         return {"status": "failed", "proxy": best, "target": val_loss,
                 "message": f"TRANSFER FAILED: the wider target's validation loss {val_loss:.4f} is WORSE than "
-                           f"the proxy's {best:.4f} at the same steps"}
+                           f"the proxy's {best:.4f} at the same steps (+{val_loss - best:.4f})"}
     return {"status": "ok", "proxy": best, "target": val_loss,
-            "message": f"wider is better: validation loss {val_loss:.4f} <= proxy's {best:.4f}"}
+            "message": f"wider is better: validation loss {val_loss:.4f} <= proxy's {best:.4f} ({val_loss - best:+.4f})"}
 
 
 def fingerprint(recipe: Recipe, width: int, src: HParamsSource, world: int, per_rank_batch: int) -> dict:
