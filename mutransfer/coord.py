@@ -35,8 +35,8 @@ from .spectral import OPTIMIZERS
 
 STATS = ("act", "update")
 # Thresholds on the log-log slope (value ~ width^slope), chosen from measurements (README, coord-check):
-# correct muP models measure |slope| <= ~0.15 at 4 widths; the mildest defect measured (1/sqrt(d_head)
-# attention, after the features move) sits near +0.5, SP under Adam near +1.
+# the steepest slope of a correct muP model was +0.21 (most <= +0.10); the mildest defect measured
+# (1/sqrt(d_head) attention, at 10x the tuned LR) +0.36 to +0.47; SP under AdamW +0.68.
 BLOWUP_SLOPE = 0.3
 VANISH_SLOPE = -0.3
 ROOT = "<output>"          # name shown for the root module (the model's output)
@@ -332,7 +332,8 @@ def loglog_slope(widths: list[float], values: list[float]) -> float:
 
 
 def flag(statistic: str, slope: float, blowup: float = BLOWUP_SLOPE, vanish: float = VANISH_SLOPE) -> str:
-    """"blowup" above the threshold; "vanishing" for update slopes below the (negative) one."""
+    """The flag of one slope: blowup above the threshold, vanishing for update slopes below the
+    (negative) one, else ok."""
     if slope > blowup:
         return "blowup"
     if statistic == "update" and slope < vanish:

@@ -302,3 +302,16 @@ def test_json_schema_of_a_result():
     m = d["modules"][0]
     assert set(m) >= {"name", "statistic", "values", "slope", "flag"}
     assert len(m["series"][0]) == 3                           # t = 0..2
+
+
+def test_a_diverging_run_is_a_blowup():
+    r = _recipe("builtin:mlp", VEC, 3e-3, batch_size=8)
+    res = _check(r, widths=[16, 64], steps=4, seeds=1, lr=1e6, optimizer="sgd", parametrization="sp")
+    assert res.diverged and res.verdict == "blowup"
+    assert "width" in res.diverged[0] and "loss" in res.diverged[0]
+    assert json_safe(to_json(res))
+
+
+def json_safe(d) -> bool:
+    json.loads(json.dumps(d, allow_nan=False))               # strict JSON: no NaN/Infinity tokens
+    return True
