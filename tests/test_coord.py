@@ -292,6 +292,14 @@ def test_bad_recipe_and_factory_exit_2(tmp_path, monkeypatch):
     nofac.write_text(yaml.safe_dump(d))
     r = runner.invoke(app, ["coord-check", str(nofac), "--steps", "1"])
     assert r.exit_code == 2 and "model.factory" in r.output and "Traceback" not in r.output
+    gpt = tmp_path / "gpt.yaml"
+    gpt.write_text(yaml.safe_dump({
+        "name": "g", "model": {"factory": "builtin:gpt", "args": {"layers": 1, "heads": 4, "seq_len": 16}},
+        "data": {"factory": "builtin:pysource", "args": {"seq_len": 16}}, "widths": {"proxy": 32, "target": 64},
+        "train": {"optimizer": "adamw", "lr": 3e-3, "steps": 10, "batch_size": 4}}))
+    r = runner.invoke(app, ["coord-check", str(gpt), "--widths", "32,64,66", "--steps", "1"])
+    assert r.exit_code == 2 and "heads (4) must divide the width (66)" in r.output
+    assert not (tmp_path / "runs").exists()                    # checked before anything trained
 
 
 def test_json_schema_of_a_result():
