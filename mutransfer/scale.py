@@ -16,7 +16,7 @@ import json
 import math
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,9 +28,11 @@ from . import checkpoint as C
 from . import distributed as D
 from . import experiment
 from .errors import UserError
+from .explain import estimate_cost, write_json
 from .hparams import HParams
 from .hparams_file import apply_hparams_file, default_path, read_hparams_file
 from .metrics import LiveProgress, MetricsFile, peak_flops
+from .parametrize import make_optimizer, param_groups
 from .recipe import Recipe, load_recipe, recipe_to_dict
 from .train import train
 
@@ -208,8 +210,6 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width)
     plan = pm.plan
     model, no_sync = D.wrap(pm.model, d, o.fsdp)
-    from .parametrize import make_optimizer, param_groups
-
     optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer, src.hparams,
                                torch.device(d.device))
     n_params = plan.numel
@@ -219,8 +219,6 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         del ckpt
 
     # --- the record of the run (rank 0)
-    from .explain import estimate_cost, write_json
-
     cost = estimate_cost(recipe, plan, width)
     flops_per_sample = cost.flops_per_step / (t.batch_size * t.grad_accum) if cost.flops_per_step else None
     peak = peak_flops(d.device)
