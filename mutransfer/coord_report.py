@@ -181,6 +181,10 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
                         color=colour[r.name], label=r.name if r.name in worst else None)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            lo, hi = ax.get_ylim()
+            if lo > 0 and hi / lo < 30:          # at least 1.5 decades, so flat lines look flat
+                mid = math.sqrt(lo * hi)
+                ax.set_ylim(mid / math.sqrt(30), mid * math.sqrt(30))
             ax.set_xticks(list(s.widths))
             ax.set_xticklabels([str(w) for w in s.widths])
             ax.set_title(f"{stat}  (t = {t})", fontsize=10)
