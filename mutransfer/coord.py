@@ -135,7 +135,8 @@ class Probe:
         self.x0: dict[str, list[torch.Tensor]] = {}
         self._first = True
         self._sums: dict[str, list] = {}      # name -> [sum |x|, sum |x - x0|, numel, calls]
-        self._seen: dict[tuple, tuple] = {}   # (id(x), id(x0)) -> sums: identity hook points, the root
+        self._seen: dict[tuple, tuple] = {}   # (id(x), version, id(x0)) -> sums: hook points, the root
+        self._clones: dict[tuple, tuple] = {}  # (id(x), version) -> its copy, on the first call
 
     def _hook(self, module, args, out) -> None:
         name = self.names.get(id(module))
@@ -147,8 +148,11 @@ class Probe:
         acc = self._sums.get(name)
         if acc is None:
             acc = self._sums[name] = [0.0, 0.0, 0, 0]
-        if self._first:
-            self.x0.setdefault(name, []).append(t)
+        if self._first:   # a copy: a later in-place op (ReLU(inplace=True)) must not rewrite x_0
+            ck = (id(t), t._version)
+            if ck not in self._clones:        # one copy per tensor: hook points share their input's
+                self._clones[ck] = (t.detach().clone(), t)
+            self.x0.setdefault(name, []).append(self._clones[ck][0])
         refs = self.x0.get(name, ())
         call = acc[3]
         acc[3] += 1
@@ -156,7 +160,7 @@ class Probe:
         if ref is None or ref.shape != t.shape or acc[2] < 0:
             acc[2] = -1                       # the output changed shape or call count: not comparable
             return
-        key = (id(t), id(ref))
+        key = (id(t), t._version, id(ref))   # the version: in-place ops between two hooks
         hit = self._seen.get(key)
         if hit is None:
             t32, r32 = t.float(), ref.float()
@@ -165,11 +169,11 @@ class Probe:
         acc[1] = acc[1] + hit[1]
         acc[2] += hit[2]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self) -> dict[str, tuple[float, float]]:
         model = self.model
         was = model.training
-        self._sums, self._seen = {}, {}
+        self._sums, self._seen, self._clones = {}, {}, {}
         # one global forward hook for the duration of this forward pass (cheaper than one per module)
         handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
         devices = [self.x.device] if self.x.device.type == "cuda" else []
@@ -182,7 +186,7 @@ class Probe:
             model.train(was)
             self._first = False
         names = [n for n, acc in self._sums.items() if acc[2] > 0 and acc[3] == len(self.x0.get(n, ()))]
-        self._seen = {}
+        self._seen, self._clones = {}, {}
         if not names:
             return {}
         sums = torch.stack([torch.as_tensor(self._sums[n][i], dtype=torch.float32, device=self.x.device)

@@ -121,6 +121,24 @@ def test_probe_measures_mean_abs_and_change_on_every_module():
     assert not lin._forward_hooks                              # hooks exist only while probing
 
 
+def test_probe_keeps_x0_through_in_place_ops():
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(lin, nn.ReLU(inplace=True), nn.Identity())
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    probe = coord.Probe(model, x)
+    with torch.no_grad():
+        y0 = lin(x)
+    first = probe()
+    assert first["0"][0] == pytest.approx(float(y0.abs().mean()))        # before the in-place ReLU
+    assert first["1"][0] == pytest.approx(float(y0.relu().abs().mean()))
+    with torch.no_grad():
+        lin.bias.sub_(0.5)
+        y1 = lin(x)
+    second = probe()
+    assert second["0"][1] == pytest.approx(float((y1 - y0).abs().mean()))
+    assert second["2"][1] == pytest.approx(float((y1.relu() - y0.relu()).abs().mean()))
+
+
 def test_probe_does_not_change_training():
     from mutransfer.data import vectors
 
