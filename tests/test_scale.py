@@ -214,9 +214,15 @@ def _torchrun(recipe, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "mutransfer.cli", "scale", str(recipe), "--device", "cpu", "--hparams",
            str(recipe.parent / "hp.yaml"), *map(str, args)]
-    p = subprocess.run(cmd, cwd=recipe.parent, env=_env(), capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return p.stdout
+    p = subprocess.Popen(cmd, cwd=recipe.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        p.terminate()            # SIGTERM: torchrun stops its workers (they run in their own sessions)
+        out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out[-3000:]
+    return out
 
 
 def test_torchrun_two_processes_match_one_ddp_then_fsdp_resuming(recipe, reference):
