@@ -163,8 +163,8 @@ class Probe:
         key = (id(t), t._version, id(ref))   # the version: in-place ops between two hooks
         hit = self._seen.get(key)
         if hit is None:
-            t32, r32 = t.float(), ref.float()
-            hit = self._seen[key] = (t32.norm(p=1), torch.dist(t32, r32, p=1), t.numel(), t, ref)
+            t32, r32 = t.float(), ref.float()   # abs().sum() is ~3x faster than norm(p=1) on CPU
+            hit = self._seen[key] = (t32.abs().sum(), (t32 - r32).abs().sum(), t.numel(), t, ref)
         acc[0] = acc[0] + hit[0]
         acc[1] = acc[1] + hit[1]
         acc[2] += hit[2]
