@@ -70,11 +70,12 @@ class _MLP(nn.Module):
         self.width, self.mult = width, mult
         self.inp = nn.Linear(in_dim, width)
         self.hidden = nn.Linear(width, width)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
         self.out = nn.Linear(width, classes)
 
     def features(self, x):
-        h = F.relu(self.inp(x))
-        return F.relu(self.hidden(h) * self.mult)
+        h = self.act1(self.inp(x))
+        return self.act2(self.hidden(h) * self.mult)
 
 
 class WidthMultiplier(_MLP):

@@ -181,7 +181,7 @@ def test_builtin_recipes_mup_passes_sp_flagged(name):
 DEFECTS = [
     # (factory, data, recipe lr, batch size, module and statistic that must be flagged)
     ("coord_models:attn_sqrt_dhead", SEQ, 1e-2, 8, ("attn.logits", "update")),
-    ("coord_models:width_multiplier", VEC, 1e-3, 16, (coord.ROOT, "act")),
+    ("coord_models:width_multiplier", VEC, 1e-3, 16, ("act2", "act")),
     ("coord_models:sum_readout", VEC8, 1e-3, 16, (coord.ROOT, "act")),
     ("coord_models:fixed_readout", VEC, 1e-3, 16, (coord.ROOT, "update")),
 ]
