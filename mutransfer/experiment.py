@@ -3,6 +3,7 @@ the TrainConfig. Every command goes through here and then through train.train().
 from __future__ import annotations
 
 import inspect
+import json
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -86,8 +87,22 @@ def train_config(recipe: Recipe, device: str = "cpu", steps: Optional[int] = Non
     return cfg
 
 
-def shapes_for(recipe: Recipe, width: int) -> Shapes:
-    return infer_shapes(model_factory(recipe), recipe.model.args, recipe.widths.proxy, width, recipe.layouts)
+def shapes_for(recipe: Recipe, width: int, base_width: Optional[int] = None) -> Shapes:
+    """Width inference for this recipe, cached per (model spec, base width, width): coord-check,
+    sweep and tune build the same widths many times."""
+    base = base_width or recipe.widths.proxy
+    key = (json.dumps([recipe.model.model_dump(mode="json"), recipe.layouts], sort_keys=True, default=repr),
+           base, width)
+    hit = _SHAPES_CACHE.get(key)
+    if hit is None:
+        hit = infer_shapes(model_factory(recipe), recipe.model.args, base, width, recipe.layouts)
+        if len(_SHAPES_CACHE) >= 64:
+            _SHAPES_CACHE.pop(next(iter(_SHAPES_CACHE)))
+        _SHAPES_CACHE[key] = hit
+    return hit
+
+
+_SHAPES_CACHE: dict[tuple, Shapes] = {}
 
 
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
@@ -96,9 +111,11 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
     """The parametrized model at `width` for this recipe, relative to its proxy width.
     `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
     hp = hparams or HParams.from_train(recipe.train)
+    base = base_width or recipe.widths.proxy
     return parametrize(
-        model_factory(recipe), width, base_width or recipe.widths.proxy, hp, optimizer or recipe.train.optimizer,
+        model_factory(recipe), width, base, hp, optimizer or recipe.train.optimizer,
         recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
+        shapes=shapes_for(recipe, width, base),
     )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from .errors import UserError
 from .hparams import HParams
 from .plan import MUP, Plan, make_plan
-from .shapes import infer_shapes
+from .shapes import Shapes, infer_shapes
 
 
 @dataclass
@@ -30,8 +30,21 @@ class Parametrized:
         return iter((self.model, self.optimizer, self.plan))
 
 
-def build_model(factory: Callable, width: int, args: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def build_model(factory: Callable, width: int, args: dict[str, Any], device: str | torch.device = "cpu",
+                skip_init: bool = False) -> nn.Module:
+    """factory(width=width, **args) on `device`.
+
+    skip_init=True (every parameter is about to be re-initialised): build on the meta device and only
+    allocate, skipping the factory's own init (it would be thrown away; for a large model it is most
+    of the build time). Models with buffers (a buffer's values come from the constructor) or with a
+    parameter shared between modules (to_empty would untie it) are still built for real."""
     try:
+        if skip_init:
+            with torch.device("meta"):
+                meta = factory(width=width, **args)
+            shared = len(list(meta.named_parameters(remove_duplicate=False))) != len(list(meta.parameters()))
+            if isinstance(meta, nn.Module) and not shared and next(meta.buffers(), None) is None:
+                return meta.to_empty(device=device)
         with torch.device(device):
             model = factory(width=width, **args)
     except Exception as e:  # noqa: BLE001
@@ -118,9 +131,12 @@ def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Opti
         fused = device is not None and torch.device(device).type == "cuda"
     kw: dict[str, Any] = {}
     if optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
+                               foreach=True if device is None or torch.device(device).type == "cpu" else None)
     if fused:
         kw["fused"] = True
+    elif device is None or torch.device(device).type == "cpu":
+        kw["foreach"] = True   # torch defaults to a per-tensor Python loop on CPU
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, **kw)
 
@@ -136,15 +152,19 @@ def parametrize(
     device: str | torch.device = "cpu",
     seed: int = 0,
     parametrization: str = MUP,
+    shapes: Optional[Shapes] = None,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
-    `base_width`, and return it with its optimizer and per-parameter plan."""
+    `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
+    when already inferred (infer_shapes for the same factory, args, widths and layouts)."""
     hp = hparams or HParams()
     args = args or {}
-    shapes = infer_shapes(factory, args, base_width, width, layouts)
+    if shapes is None:
+        shapes = infer_shapes(factory, args, base_width, width, layouts)
     plan = make_plan(shapes, hp, optimizer, parametrization)
     torch.manual_seed(seed)
-    model = build_model(factory, width, args, device)
+    skip = all(p.init != "keep" for p in plan.params.values())
+    model = build_model(factory, width, args, device, skip_init=skip)
     init_model(model, plan, seed)
     attach_readout_multipliers(model, plan)
     opt = make_optimizer(param_groups(model, plan), optimizer, hp, device)
