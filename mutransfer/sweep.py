@@ -4,8 +4,8 @@ muP and under the SP control. Under muP the optimum should stay put as the width
 Each grid point (parametrization, width, value, seed) is one short run through experiment.build() and
 train.train(). Its loss is the training loss averaged over the last `average_last` steps (as in TP5,
 which plots training loss; the built-in streams draw fresh random batches, so the training loss is
-not a memorised-batch loss). A point is cached as one JSON file under runs/<name>/sweep/, written
-atomically when it finishes, so an interrupted or repeated sweep skips what is done. A diverged point
+not a memorised-batch loss). A point is cached as one JSON file under runs/<name>/sweep/<fingerprint>/
+(the fingerprint hashes everything else that changes the result), written atomically when it finishes, so an interrupted or repeated sweep skips what is done. A diverged point
 (a non-finite loss, or a loss above `divergence_factor` x its first) is kept with a null loss.
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     fp = fingerprint(recipe, cfg)
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir) / fp   # one folder per setup: sweeps with other steps/batch keep theirs
     results: dict[Point, dict] = {}
     todo: list[Point] = []
     for p in cfg.points():

@@ -125,7 +125,7 @@ def test_sweep_writes_json_and_png_records_divergence_and_caches(recipe_file, tm
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = struct.unpack(">II", png[16:24])
     assert w > 600 and h > 300
-    cache = sorted((tmp_path / "runs/tiny-sweep/sweep").glob("*.json"))
+    cache = sorted((tmp_path / "runs/tiny-sweep/sweep").glob("*/*.json"))
     assert len(cache) == 12
 
     # a rerun with one more LR trains only the new points; cached ones are read back
@@ -143,6 +143,7 @@ def test_sweep_writes_json_and_png_records_divergence_and_caches(recipe_file, tm
     assert _cli(recipe_file, "--widths", "16", "--lrs", "0.003", "--steps", "6",
                 "--parametrization", "mup").exit_code == 0
     assert len(calls) == 1
+    assert len(list((tmp_path / "runs/tiny-sweep/sweep").glob("*/*.json"))) == 17  # both setups kept
 
 
 def test_param_sweep_and_parallel_workers_agree_with_serial(recipe_file, tmp_path):
@@ -200,4 +201,4 @@ def test_a_crashing_point_is_reported_and_not_cached(recipe_file, tmp_path):
     assert "1 point(s) failed" in res.output and "boom at 32" in res.output
     d = json.loads((tmp_path / "c.json").read_text())
     assert d["results"]["mup"]["32"]["losses"] == [None] and d["results"]["mup"]["16"]["losses"][0] is not None
-    assert [f.name for f in (tmp_path / "runs/crashy/sweep").glob("*.json")] == ["mup-w16-lr0.03-s0.json"]
+    assert [f.name for f in (tmp_path / "runs/crashy/sweep").glob("*/*.json")] == ["mup-w16-lr0.03-s0.json"]
