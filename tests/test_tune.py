@@ -197,13 +197,17 @@ def wait_for(proc: subprocess.Popen, url: str, db: Path, done: int, steps: int, 
     raise AssertionError(f"the run ended or stalled before {done} trials finished:\n{out}")
 
 
+STEPS = 400
+
+
 def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
-    tiny_recipe(tmp_path / "t.yaml", steps=100, trials=5, pruner="none")
+    # trials long enough (~0.3 s) that the 20 ms poll reliably sees one mid-way
+    tiny_recipe(tmp_path / "t.yaml", steps=STEPS, trials=5, pruner="none")
     db = tmp_path / "runs" / "tiny" / "study.db"
     url = f"sqlite:///{db}"
     # 1. killed with SIGKILL mid-trial: the trial stays RUNNING in the storage
     proc = spawn(tmp_path, "t.yaml")
-    wait_for(proc, url, db, done=2, steps=100)
+    wait_for(proc, url, db, done=2, steps=STEPS)
     proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
     proc.communicate()
@@ -214,7 +218,7 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))   # the heartbeat grace period (3 x 1 s)
     # 2. rerun, then Ctrl-C (SIGINT) mid-trial: clean stop, exit 130, finished trials kept
     proc = spawn(tmp_path, "t.yaml")
-    wait_for(proc, url, db, done=len(before) + 1, steps=100)
+    wait_for(proc, url, db, done=len(before) + 1, steps=STEPS)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
