@@ -33,7 +33,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
     span = max(hi - lo, 0.02 * max(abs(lo), 1e-3))
     ylo, yhi = lo - 0.15 * span, hi + 2.5 * span
 
-    fig, axes = plt.subplots(1, len(pars), figsize=(5.2 * len(pars), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(pars), figsize=(max(6.8, 5.2 * len(pars)), 4.2), sharey=True, squeeze=False)
     for ax, par in zip(axes[0], pars):
         for w in widths:
             d = summary["results"][par].get(str(w))
@@ -54,7 +54,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
         ax.set_ylim(ylo, yhi)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (mean of last steps)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title + "   (dotted: fitted optimum; x: diverged)", fontsize=10)
     fig.tight_layout()
