@@ -19,7 +19,6 @@ elsewhere to measure from scratch). Losses: training loss averaged over the last
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
