@@ -14,8 +14,10 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -232,6 +234,22 @@ def _run_and_store(recipe: Recipe, cfg: SweepConfig, point: Point, path: str, fp
     return rec
 
 
+@contextmanager
+def _sigterm_as_interrupt():
+    """In the main thread, SIGTERM raises KeyboardInterrupt (so worker processes are stopped too)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1, device: str = "cpu",
              progress: bool = True) -> dict[Point, dict]:
     """Every point's record: cached ones read back, the rest trained (largest widths first, so
@@ -271,14 +289,20 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
                 done(p, _run_and_store(recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp, device))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex, \
+                    _sigterm_as_interrupt():
                 futs = {ex.submit(_run_and_store, recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp,
                                   device, threads): p for p in todo}
                 try:
                     for f in as_completed(futs):
                         done(futs[f], f.result())
                 except BaseException:
+                    # Ctrl-C or SIGTERM: stop the workers now; a point only lands in the cache when it
+                    # finished (atomic write), so the interrupted ones are simply redone on rerun
+                    workers_alive = list((getattr(ex, "_processes", None) or {}).values())
                     ex.shutdown(wait=False, cancel_futures=True)
+                    for proc in workers_alive:
+                        proc.terminate()
                     raise
         for p, t in twins.items():
             rec = dict(results[t], parametrization="sp")
