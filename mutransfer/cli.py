@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 the work itself failed (blowup flagged, every trial div
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -44,10 +43,6 @@ def _recipe(path: Path):
     from .recipe import load_recipe
 
     return load_recipe(path)
-
-
-def _not_built(name: str):
-    raise UserError("", f"`mutransfer {name}` is not built yet")
 
 
 @app.command()

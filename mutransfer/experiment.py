@@ -2,10 +2,7 @@
 the TrainConfig. Every command goes through here and then through train.train()."""
 from __future__ import annotations
 
-import inspect
 import json
-import itertools
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch

@@ -5,12 +5,10 @@ on meta tensors (so a 10B target costs no memory)."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table

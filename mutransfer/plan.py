@@ -8,7 +8,7 @@ Nothing is attached to tensors; the plan is keyed by parameter name.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 from . import spectral

@@ -208,7 +208,7 @@ def infer_shapes(
     if unknown and warn:
         warnings.warn(
             "parameters of no known module, classified by which dimensions grow with width "
-            f"(declare their layout under `layouts:` if this is wrong): "
+            "(declare their layout under `layouts:` if this is wrong): "
             + ", ".join(f"{n} -> {params[n].role} ({params[n].layout})" for n in unknown),
             stacklevel=2,
         )

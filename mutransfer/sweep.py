@@ -415,7 +415,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     table.add_column("param.")
     table.add_column("width", justify="right")
     table.add_column(f"best {cfg.param}", justify="right")
-    table.add_column(f"log2", justify="right")
+    table.add_column("log2", justify="right")
     table.add_column("best loss", justify="right")
     table.add_column("diverged", justify="right")
     best_key = "best_log2_lr" if cfg.param == "lr" else "best_log2_value"
