@@ -33,15 +33,6 @@ SEQ = {"factory": "builtin:pysource", "args": {"seq_len": 32}}
 IMG = {"factory": "builtin:images", "args": {"size": 4}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are small: one intra-op thread is as fast, and does not spin when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _recipe(model: str, data: dict, lr: float, batch_size: int = 16, coord_check=None):
     return parse_recipe({
         "name": "cc", "model": {"factory": model, "args": {}}, "data": data,

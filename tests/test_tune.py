@@ -13,7 +13,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
@@ -24,15 +23,6 @@ from mutransfer.study import HEARTBEAT_ATTR, count_finished, fail_stale, open_st
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Trials are tiny: one torch thread is faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_recipe(path: Path, steps: int = 20, lr=(1e-3, 1e-1), **search) -> Path:
