@@ -32,10 +32,13 @@ from mutransfer.recipe import load_recipe  # noqa: E402
 from mutransfer.sweep_fit import mean_or_none, optimum  # noqa: E402
 
 
+DEVICE = "cpu"
+
+
 def _grid(recipe, cfg, widths, values, pars, cache, workers):
     c = sw.SweepConfig(cfg.param, tuple(sorted(set(values))), tuple(widths), tuple(pars), cfg.seeds, cfg.steps,
                        cfg.batch_size, cfg.average_last, cfg.divergence_factor)
-    return c, sw.run_grid(recipe, c, cache, workers)
+    return c, sw.run_grid(recipe, c, cache, workers, DEVICE)
 
 
 def _curve(c, res, par, width):
@@ -73,11 +76,14 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy", type=int, default=None, help="default widths.proxy")
     ap.add_argument("--target", type=int, default=None, help="default widths.target")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the grid points' device)")
     ap.add_argument("--cache-dir", default=None, help="default runs/<name>/sweep")
     ap.add_argument("--json", default=None, help="write the figures as JSON")
     ap.add_argument("--optuna-trials", type=int, default=16,
                     help="also tune lr at the proxy with mutransfer.tune (Optuna) with this many trials; 0: off")
     a = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = a.device
     try:
         r = load_recipe(a.recipe)
         values = sw.parse_range(a.lr_range) if a.lr_range else None
