@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .atomic import write_via
 from . import distributed as D
 
 NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -110,18 +111,12 @@ def latest(folder: Path) -> Optional[Path]:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def save(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            os.fsync(f.fileno())   # on disk before the rename makes it the newest checkpoint
+    write_via(path, save)
 
 
 def load(path: Path) -> dict:

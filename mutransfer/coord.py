@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .atomic import write_json
 from . import experiment
 from .errors import UserError
 from .hparams import HParams
@@ -296,12 +296,9 @@ def _run_path(cache: Path, width: int, seed: int) -> Path:
 
 
 def save_run(cache: Path, r: Run) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
-    path = _run_path(cache, r.width, r.seed)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"width": r.width, "seed": r.seed, "diverged": r.diverged, "reason": r.reason,
-                               "records": [{n: list(v) for n, v in rec.items()} for rec in r.records]}))
-    os.replace(tmp, path)
+    write_json(_run_path(cache, r.width, r.seed),
+               {"width": r.width, "seed": r.seed, "diverged": r.diverged, "reason": r.reason,
+                "records": [{n: list(v) for n, v in rec.items()} for rec in r.records]}, indent=None)
 
 
 def load_run(cache: Path, width: int, seed: int) -> Optional[Run]:

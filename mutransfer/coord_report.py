@@ -5,7 +5,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .atomic import write_via
 from . import coord
 from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
 from .errors import UserError
@@ -127,24 +127,12 @@ def to_json(res: Result) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(res: Result, path: Path) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(to_json(res), f, indent=1)
             f.write("\n")
-    _atomic_write(path, w)
+    write_via(path, w)
 
 
 def plot(res: Result, path: Path, max_legend: int = 12) -> None:
@@ -205,7 +193,7 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
     def w(tmp):
         fig.savefig(tmp, format="png", dpi=110)
     try:
-        _atomic_write(path, w)
+        write_via(path, w)
     finally:
         plt.close(fig)
 

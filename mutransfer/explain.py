@@ -4,7 +4,6 @@ Nothing real is built: shapes come from meta-device models and FLOPs from torch'
 on meta tensors (so a 10B target costs no memory)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -13,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from . import atomic
 from .experiment import data_stream, first_batch, model_factory
 from .hparams import HParams
 from .plan import Plan, make_plan
@@ -130,8 +130,4 @@ def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
     d = plan.to_json()
     d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes,
                  "flops_error": cost.flops_error}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(d, indent=1))
-    tmp.replace(p)
+    atomic.write_json(path, d)

@@ -16,8 +16,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .atomic import write_text
 from .errors import UserError
 from .hparams import TUNABLE_NAMES, HParams
+from .recipe import load_yaml
 
 REQUIRED = ("proxy_width", "optimizer", "hparams")
 
@@ -30,8 +32,6 @@ def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optim
                        best_value: Optional[float], study: str, storage: str, steps: Optional[int] = None,
                        extra: Optional[dict] = None) -> Path:
     """Write atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     d = {"recipe": str(recipe), "proxy_width": int(proxy_width), "optimizer": optimizer,
          "hparams": {k: (v if isinstance(v, bool) else float(v)) for k, v in hparams.items()},
          "best_value": None if best_value is None else float(best_value), "study": study, "storage": storage}
@@ -39,21 +39,13 @@ def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optim
         d["steps"] = int(steps)
     if extra:
         d.update(extra)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
-    tmp.replace(p)
-    return p
+    return write_text(path, yaml.safe_dump(d, sort_keys=False))
 
 
 def read_hparams_file(path: str | Path) -> dict:
     """Parse and validate; UserError naming the file and field on any problem."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(str(p), "hparams file not found")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(str(p), f"unreadable YAML ({e})") from None
+    d = load_yaml(p, "hparams")
     if not isinstance(d, dict):
         raise UserError(str(p), "an hparams file must be a YAML mapping")
     for k in REQUIRED:

@@ -16,6 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .atomic import write_text
+
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
 PEAK_BF16 = (
     ("H100 PCIe", 756e12),
@@ -82,9 +84,7 @@ class MetricsFile:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(k + "\n" for k in kept))
         self.f = self.path.open("a", buffering=1)
 
     def on_step(self, state) -> None:

@@ -260,18 +260,25 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return r
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; UserError naming the file (and line) if it is missing or unreadable.
+    `what` names the file's kind in the message ("recipe", "hparams")."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(str(p), "recipe file not found")
+        raise UserError(str(p), f"{what} file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         raise UserError(where, f"unreadable YAML ({getattr(e, 'problem', None) or e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(str(p), f"cannot read file ({e})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    data = load_yaml(p, "recipe")
     r = parse_recipe(data, str(p))
     r._path = p
     return r

@@ -24,6 +24,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from .atomic import write_text
 from . import checkpoint as C
 from . import distributed as D
 from . import experiment
@@ -133,12 +134,6 @@ def versions() -> dict:
     return v
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult:
     console = console or Console()
     recipe = load_recipe(o.recipe)
@@ -224,14 +219,14 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     peak = peak_flops(d.device)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-        _write(out / "hparams.yaml", yaml.safe_dump(
+        write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        write_text(out / "hparams.yaml", yaml.safe_dump(
             {"source": src.source, "proxy_width": src.base_width, "width": width, "optimizer": t.optimizer,
              "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
         write_json(plan, cost, out / "plan.json")
         v = versions()
         v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device})
-        _write(out / "versions.json", json.dumps(v, indent=1))
+        write_text(out / "versions.json", json.dumps(v, indent=1))
     D.barrier(d)
 
     cfg = experiment.train_config(recipe, d.device, steps=steps, start_step=start)
@@ -278,7 +273,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
     if d.main:
-        _write(out / "summary.json", json.dumps(summary, indent=1, default=str))
+        write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
         _print_summary(summary, say)
     return ScaleResult(code, summary)
 

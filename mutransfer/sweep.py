@@ -24,6 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
+from .atomic import write_json
 from .errors import UserError
 from .hparams import MULTIPLIER_NAMES
 from .recipe import Recipe, recipe_to_dict
@@ -200,10 +201,7 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
+    write_json(path, data, allow_nan=False)
 
 
 def load_cached(path: Path, fp: str) -> Optional[dict]:

@@ -3,8 +3,9 @@ value, one curve per width coloured by width, each width's fitted optimum marked
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from .atomic import write_via
 
 LABEL = {"mup": "μP", "sp": "SP"}
 
@@ -58,10 +59,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title + "   (dotted: fitted optimum; x: diverged)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
