@@ -92,7 +92,8 @@ def shapes_for(recipe: Recipe, width: int, base_width: Optional[int] = None) -> 
            base, width)
     hit = _SHAPES_CACHE.get(key)
     if hit is None:
-        hit = infer_shapes(model_factory(recipe), recipe.model.args, base, width, recipe.layouts)
+        hit = infer_shapes(model_factory(recipe), recipe.model.args, base, width, recipe.layouts,
+                           example=example_input(recipe))
         if len(_SHAPES_CACHE) >= 64:
             _SHAPES_CACHE.pop(next(iter(_SHAPES_CACHE)))
         _SHAPES_CACHE[key] = hit
@@ -100,6 +101,12 @@ def shapes_for(recipe: Recipe, width: int, base_width: Optional[int] = None) -> 
 
 
 _SHAPES_CACHE: dict[tuple, Shapes] = {}
+
+
+def example_input(recipe: Recipe):
+    """The inputs of one small training batch: what the layout trace runs the model on."""
+    x, _ = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=2))
+    return x
 
 
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",

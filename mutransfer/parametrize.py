@@ -153,14 +153,16 @@ def parametrize(
     seed: int = 0,
     parametrization: str = MUP,
     shapes: Optional[Shapes] = None,
+    example: Any = None,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
-    when already inferred (infer_shapes for the same factory, args, widths and layouts)."""
+    when already inferred (infer_shapes for the same factory, args, widths and layouts). `example`, a
+    model input, lets width inference trace how parameters of no known module are used."""
     hp = hparams or HParams()
     args = args or {}
     if shapes is None:
-        shapes = infer_shapes(factory, args, base_width, width, layouts)
+        shapes = infer_shapes(factory, args, base_width, width, layouts, example=example)
     plan = make_plan(shapes, hp, optimizer, parametrization)
     torch.manual_seed(seed)
     skip = all(p.init != "keep" for p in plan.params.values())

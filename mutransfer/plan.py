@@ -78,7 +78,11 @@ class Plan:
         return sum(math.prod(p.shape) for p in self.params.values())
 
 
-def _init_kind(kind: str, layout: str, role: str, zero_readout: bool) -> str:
+def _init_kind(kind: str, layout: str, role: str, zero_readout: bool, source: str = "module") -> str:
+    # a traced or declared bias / gain / scale of no known module: its factory value (zeros, ones, a
+    # layer-scale 1e-4, Gemma's zero-centred gain) is its meaning; vectors' init does not scale anyway
+    if kind in ("bias", "gain") and source != "module":
+        return "keep"
     if kind == "bias":
         return "zeros"
     if kind == "gain":
@@ -125,7 +129,7 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         else:
             std_r, lr_r, eps_r = math.sqrt(s.base_fan_in / s.fan_in), 1.0, 1.0
         m = hp.mult(role, "mult")
-        init = _init_kind(s.kind, s.layout, role, hp.zero_readout and name not in tied_params)
+        init = _init_kind(s.kind, s.layout, role, hp.zero_readout and name not in tied_params, s.source)
         if init == "normal":
             std = spectral.init_std(*base_fans) * hp.init_scale * hp.mult(role, "init") * m * std_r
         elif init in ("zeros", "ones"):
@@ -138,27 +142,21 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
                           spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
         note = spectral.mup_departure(role, *fans) or spectral.mup_departure(role, *base_fans)
         if name in tied_params:
-            note = "tied: embedding rule; readout multiplier applied in the forward pass"
-            if s.shape[0] > s.shape[-1] or s.base_shape[0] > s.base_shape[-1]:
-                note += "; vocab > width: the readout's init ~ 1/sqrt(fan_in) and LR depart from 1/fan_in"
+            note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
+                    "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
                               init, std, lr, wd, eps, note)
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():
         s = shapes.params[pname]
-        # the readout uses the table as a (vocab x d) matrix: fan_in d, fan_out vocab
-        vocab, d = s.shape[0], s.shape[-1]
-        bvocab, bd = s.base_shape[0], s.base_shape[-1]
-        emb_base = spectral.init_std(1, bd)
-        read_base = spectral.init_std(bd, bvocab)
-        if parametrization == MUP:
-            ratio = (spectral.init_std(d, vocab) / read_base) / (spectral.init_std(1, d) / emb_base)
-        else:
-            ratio = 1.0
+        # the readout uses the table as a (vocab x d) matrix whose input is aligned with it: the
+        # multiplier is 1/d at every width (spectral.tied_readout_multiplier), whatever the vocabulary.
+        # SP (the control) keeps the proxy's 1/d_proxy at every width.
+        d = s.shape[-1] if parametrization == MUP else s.base_shape[-1]
         # the table carries the embedding's forward multiplier input_mult (abc: folded into its init);
         # the readout must not see it, and gets the output role's init and forward multipliers instead
-        readout_mults[mod_name] = ((read_base / emb_base) * ratio * hp.mult("output", "init")
+        readout_mults[mod_name] = (spectral.tied_readout_multiplier(d) * hp.mult("output", "init")
                                    * hp.mult("output", "mult") / hp.mult("input", "mult"))
         if hp.zero_readout:
             notes.append(f"zero_readout ignored for {mod_name}: its weight is tied to embedding {pname}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .trace import Use, layout_from_use, trace_uses
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
 if hasattr(nn, "RMSNorm"):
@@ -37,6 +38,7 @@ class ParamShape:
     base_fan_in: int
     base_fan_out: int
     module: str      # owning module's class name ("" for none)
+    source: str = "module"   # how the layout was decided: module | traced | declared | guessed
 
 
 @dataclass
@@ -46,8 +48,10 @@ class Shapes:
     params: dict[str, ParamShape]
     # readout module name -> name of the embedding parameter it shares (tied embedding / readout)
     tied_readouts: dict[str, str] = field(default_factory=dict)
-    # parameters of no known module, classified by heuristics (listed in a warning)
+    # parameters of no known module whose use could not be traced, classified by rank (in a warning)
     unknown: list[str] = field(default_factory=list)
+    # why the trace did not run or failed ("" when it ran or was not needed)
+    trace_note: str = ""
 
 
 def build_meta(factory: Callable, width: int, args: dict[str, Any], where: str = "model") -> nn.Module:
@@ -137,9 +141,13 @@ def infer_shapes(
     width: int,
     layouts: Optional[dict[str, str]] = None,
     warn: bool = True,
+    example: Any = None,
 ) -> Shapes:
     """Build at base_width and width (and at 2*base_width if the two are equal, to see which dims
-    grow), match parameters by name and classify each."""
+    grow), match parameters by name and classify each: by the owning module when it is a known torch
+    module, else by how one forward pass on `example` (a model input, e.g. the first batch's inputs)
+    uses the parameter (trace.py), else by rank. `layouts` (glob -> layout) overrides all of these;
+    a glob matching nothing is an error, an override contradicting the module or the trace a warning."""
     layouts = layouts or {}
     base = build_meta(factory, base_width, args)
     new = base if width == base_width else build_meta(factory, width, args)
@@ -177,13 +185,32 @@ def infer_shapes(
     for n, p in base.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
 
+    for pat in layouts:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in base_p):
+            raise UserError(f"layouts.{pat}", "this pattern matches no parameter of the model "
+                            f"(parameters: {', '.join(list(base_p)[:6])}{', ...' if len(base_p) > 6 else ''})")
+
+    decided: dict[str, tuple[str, str, str]] = {}
+    for name, p in base_p.items():
+        mods = [owners[n] for n in aliases[id(p)]]
+        kind, layout = _module_layout(mods[0][1], mods[0][2], p.dim())
+        decided[name] = (kind, layout, "module" if kind != "raw" else "guessed")
+    uses, trace_note = {}, ""
+    if any(d[2] == "guessed" for d in decided.values()) or layouts:
+        uses, trace_note = _trace(factory, args, base_width, base, example)
+    for name, u in uses.items():
+        if name in decided and decided[name][2] == "guessed":
+            got = layout_from_use(u, tuple(base_p[name].shape))
+            if got is not None:
+                decided[name] = (got[0], got[1], "traced")
+
     params: dict[str, ParamShape] = {}
     tied: dict[str, str] = {}
     unknown: list[str] = []
     for name, p in base_p.items():
         names = aliases[id(p)]
         mods = [owners[n] for n in names]
-        kind, layout = _module_layout(mods[0][1], mods[0][2], p.dim())
+        kind, layout, source = decided[name]
         if len(names) > 1:
             emb = [m for m in mods if isinstance(m[1], (nn.Embedding, nn.EmbeddingBag))]
             lin = [m for m in mods if isinstance(m[1], nn.Linear)]
@@ -193,23 +220,61 @@ def infer_shapes(
                     tied[m[0]] = name
         override = next((lay for pat, lay in layouts.items() if fnmatch.fnmatchcase(name, pat)), None)
         if override is not None:
-            layout = override
+            if source in ("module", "traced") and override != layout and warn:
+                traced = layout_from_use(uses[name], tuple(p.shape)) if name in uses else None
+                seen = f"its {type(mods[0][1]).__name__} module" if source == "module" else "the traced forward pass"
+                why = traced[2] if traced else seen
+                warnings.warn(f"layouts: {name} declared {override!r} but {seen} uses it as {layout!r} ({why}); "
+                              "the declaration is followed", stacklevel=2)
+            layout, source = override, "declared"
             if kind == "raw" and override == "embedding":
                 kind = "embedding"
-        elif kind == "raw":
+        elif source == "guessed":
             unknown.append(name)
         bs, s, rs = tuple(p.shape), tuple(new_p[name].shape), tuple(ref_p[name].shape)
         bfi, bfo = fans(bs, layout)
         nfi, nfo = fans(s, layout)
         rfi, rfo = fans(rs, layout)
         role = _role(kind, layout, (bfi, rfi), (bfo, rfo))
-        params[name] = ParamShape(name, s, bs, kind, layout, role, nfi, nfo, bfi, bfo, type(mods[0][1]).__name__)
+        params[name] = ParamShape(name, s, bs, kind, layout, role, nfi, nfo, bfi, bfo, type(mods[0][1]).__name__,
+                                  source)
 
     if unknown and warn:
         warnings.warn(
-            "parameters of no known module, classified by which dimensions grow with width "
-            "(declare their layout under `layouts:` if this is wrong): "
+            "parameters of no known module whose use was not traced"
+            + (f" ({trace_note})" if trace_note else "")
+            + ", classified by rank (declare their layout under `layouts:` if this is wrong): "
             + ", ".join(f"{n} -> {params[n].role} ({params[n].layout})" for n in unknown),
             stacklevel=2,
         )
-    return Shapes(width, base_width, params, tied, unknown)
+    return Shapes(width, base_width, params, tied, unknown, trace_note)
+
+
+def _to_device(x: Any, device) -> Any:
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _trace(factory: Callable, args: dict[str, Any], base_width: int, meta_model: nn.Module,
+           example: Any) -> tuple[dict[str, Use], str]:
+    """Uses per parameter from one forward pass at the base width: on the meta device, else (a model
+    whose forward needs real values) on the CPU. ({}, why) when there is no example or both fail."""
+    if example is None:
+        return {}, "no example input to trace with"
+    try:
+        return trace_uses(meta_model, _to_device(example, "meta")), ""
+    except Exception:  # noqa: BLE001 - data-dependent forward passes fail on meta; try for real
+        pass
+    try:
+        with torch.device("cpu"):
+            real = factory(width=base_width, **args)
+        real.eval()
+        return trace_uses(real, _to_device(example, "cpu")), ""
+    except Exception as e:  # noqa: BLE001
+        return {}, f"the forward pass could not be traced: {type(e).__name__}: {str(e)[:120]}"
+

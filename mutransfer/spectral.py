@@ -78,6 +78,23 @@ def ratios(base: tuple[int, int], new: tuple[int, int], optimizer: str) -> tuple
     )
 
 
+def tied_readout_multiplier(fan_in: int) -> float:
+    """Forward multiplier of a readout that shares its table with the input embedding: 1/fan_in
+    (fan_in = the width d), whatever the vocabulary.
+
+    The table's entries are Theta(1) (embedding rule, fan_in 1). The readout's input h is *not*
+    independent of the table: the residual stream carries the current token's own row, so h has a
+    component along E[token] of norm ~ sqrt(d), and the logit of that token is m * <E[token], h> ~ m * d.
+    The spectral paper's readout rule (init ~ min(1, sqrt(fan_out/fan_in))/sqrt(fan_in), i.e.
+    1/sqrt(d) once the vocabulary exceeds d) assumes an input uncorrelated with W, where a logit is a
+    sum of d random terms ~ m * sqrt(d). With correlation, only m ~ 1/d keeps every logit, the
+    current token's included, Theta(1) at init; and under Adam the table's Theta(lr) entry updates
+    then move the logits by m * lr * d = Theta(1) too (muP's readout, Tensor Programs V). The other
+    logits start at O(1/sqrt(d)), as an untied muP readout's do."""
+    _check(fan_in, 1)
+    return 1.0 / fan_in
+
+
 def l2_scale(fan_in: int, fan_out: int) -> float:
     """Width-dependence of Adam's *coupled* L2 coefficient (torch.optim.Adam's weight_decay).
 

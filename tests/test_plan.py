@@ -112,15 +112,17 @@ def test_zero_readout():
 
 def test_tied_readout_multiplier_by_hand():
     args = dict(ARGS, tied=True)
-    # proxy d=32, vocab 16: readout std sqrt(16/32)/sqrt(32) = 1/8, table std 1 -> multiplier 1/8
-    assert plan_at(32, args=args).readout_multipliers == {"head": pytest.approx(1 / 8)}
-    # d=128: readout std sqrt(16/128)/sqrt(128) = 1/32 -> 1/32, times output multipliers, over input_mult
+    # the readout input is aligned with the table: multiplier 1/d whatever the vocabulary
+    assert plan_at(32, args=args).readout_multipliers == {"head": pytest.approx(1 / 32)}
+    # d=128: 1/128, times the output multipliers, over input_mult (folded into the table)
     hp = HParams(multipliers={"output_mult": 2.0, "output_init": 1.5, "input_mult": 4.0})
     p = plan_at(128, args=args, hp=hp)
-    assert p.readout_multipliers["head"] == pytest.approx(1 / 32 * 2.0 * 1.5 / 4.0)
-    assert "tied" in p.params["tok.weight"].note and "vocab > width" not in p.params["tok.weight"].note
-    big = plan_at(128, args=dict(ARGS, tied=True, vocab=200))
-    assert "vocab > width" in big.params["tok.weight"].note
+    assert p.readout_multipliers["head"] == pytest.approx(1 / 128 * 2.0 * 1.5 / 4.0)
+    assert "tied" in p.params["tok.weight"].note
+    big = plan_at(128, args=dict(ARGS, tied=True, vocab=200))      # vocab > width: the same rule
+    assert big.readout_multipliers["head"] == pytest.approx(1 / 128)
+    sp = plan_at(128, args=dict(ARGS, tied=True, vocab=200), parametrization="sp")
+    assert sp.readout_multipliers["head"] == pytest.approx(1 / 32)   # the control keeps the proxy's
 
 
 def test_to_json_has_the_documented_fields():
