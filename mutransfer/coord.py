@@ -29,6 +29,7 @@ from .atomic import write_json
 from . import experiment
 from .errors import UserError
 from .hparams import HParams
+from .outputs import OutputError, select
 from .plan import MUP, SP
 from .recipe import Recipe
 from .spectral import OPTIMIZERS
@@ -129,8 +130,8 @@ class Probe:
     The first call keeps each output as x_0; every call returns {module: (act, update)} as floats.
     A module called several times in one forward pass is measured over all its calls."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor):
-        self.model, self.x = model, x
+    def __init__(self, model: nn.Module, x: torch.Tensor, output=None):
+        self.model, self.x, self.output = model, x, output
         self.names = {id(m): (n or ROOT) for n, m in model.named_modules()}
         self.x0: dict[str, list[torch.Tensor]] = {}
         self._first = True
@@ -142,6 +143,11 @@ class Probe:
         name = self.names.get(id(module))
         if name is None:
             return
+        if module is self.model:
+            try:
+                out = select(out, self.output)
+            except OutputError:
+                return
         t = out if torch.is_tensor(out) and out.is_floating_point() else _first_float(out)
         if t is None:
             return
@@ -241,7 +247,7 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
                                      parametrization=s.parametrization, optimizer=s.optimizer)
     cfg = experiment.train_config(recipe, s.device, steps=s.steps, schedule="constant", warmup=0,
                                   grad_clip=None, grad_accum=1, eval_every=0, log_every=s.steps)
-    rec = Recorder(Probe(model, x))
+    rec = Recorder(Probe(model, x, recipe.model.output))
     data = iter(batches) if batches is not None else experiment.data_stream(recipe, "train", seed, s.batch_size)
     from .train import train  # the one training loop
 

@@ -8,9 +8,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .data import BUILTIN_DATA
+from . import hf
 from .errors import UserError
 from .hparams import HParams
 from .models import BUILTIN_MODELS
+from .outputs import OutputError, check_against_targets, select
 from .parametrize import Parametrized, parametrize
 from .plan import MUP
 from .recipe import Recipe, accepts, resolve_factory
@@ -19,6 +21,8 @@ from .train import TrainConfig
 
 
 def model_factory(recipe: Recipe) -> Callable:
+    if hf.is_hf(recipe.model.factory):
+        return hf.make_factory(recipe.model)
     fn = resolve_factory(recipe.model.factory, "model.factory", BUILTIN_MODELS)
     if not accepts(fn, "width"):
         raise UserError("model.factory", f"{recipe.model.factory!r} does not take a `width` argument")
@@ -78,6 +82,7 @@ def train_config(recipe: Recipe, device: str = "cpu", steps: Optional[int] = Non
         steps=steps or t.steps, loss=recipe.loss, schedule=t.schedule, warmup=t.warmup,
         min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=t.grad_accum,
         eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every, device=device,
+        output=recipe.model.output,
     )
     for k, v in over.items():
         setattr(cfg, k, v)
@@ -134,7 +139,42 @@ def resolve_device(device: str) -> str:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Everything that can be checked without training: factories, shapes at both widths, one batch."""
+    """Everything that can be checked without training: factories, shapes at both widths, one batch,
+    and the model's output on it (check_output)."""
     shapes_for(recipe, recipe.widths.target)
     it = data_stream(recipe, "train", recipe.train.seed, batch_size=2)
-    first_batch(it)
+    check_output(recipe, first_batch(it))
+
+
+def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None) -> None:
+    """One forward pass of the model at the proxy width (on the meta device when it runs there, else
+    on the CPU) on `batch`: model.output must select a prediction that the loss can score against the
+    targets. UserError naming model.output otherwise, before anything is trained or written."""
+    x, y = batch
+    w = width or recipe.widths.proxy
+    factory = model_factory(recipe)
+    out = None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = factory(width=w, **recipe.model.args)(x.to("meta"))
+        dev_y = y.to("meta")
+    except Exception:  # noqa: BLE001 - data-dependent forward passes need real tensors
+        out = None
+    if out is None:
+        try:
+            with torch.no_grad():
+                m = factory(width=w, **recipe.model.args)
+                m.eval()
+                out = m(x)
+        except Exception as e:  # noqa: BLE001
+            raise UserError("model", f"the forward pass failed on the first batch at width {w}: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from None
+        dev_y = y
+    try:
+        pred = select(out, recipe.model.output)
+    except OutputError as e:
+        raise UserError("model.output", str(e)) from None
+    why = check_against_targets(pred, dev_y, recipe.loss)
+    if why:
+        hint = f"{recipe.model.output!r} " if recipe.model.output is not None else ""
+        raise UserError("model.output", f"{hint}gives a {why}")

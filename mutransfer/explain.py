@@ -13,11 +13,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import atomic
-from .experiment import data_stream, first_batch, model_factory
+from .experiment import data_stream, first_batch, model_factory, shapes_for
+from .outputs import select
 from .hparams import HParams
 from .plan import Plan, make_plan
 from .recipe import Recipe
-from .shapes import build_meta, infer_shapes
+from .shapes import build_meta
 from .train import loss_fn
 
 
@@ -47,7 +48,7 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
 
         xm, ym = x.to("meta"), y.to("meta")
         with FlopCounterMode(display=False) as fc:
-            out = model(xm)
+            out = select(model(xm), recipe.model.output)
             loss_fn(recipe.loss, out, ym).backward()
         flops = float(fc.get_total_flops()) * recipe.train.grad_accum
     except Exception as e:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
@@ -57,7 +58,7 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
 
 def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup"):
     hp = hparams or HParams.from_train(recipe.train)
-    shapes = infer_shapes(model_factory(recipe), recipe.model.args, recipe.widths.proxy, width, recipe.layouts)
+    shapes = shapes_for(recipe, width)
     plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization)
     return plan, shapes, estimate_cost(recipe, plan, width)
 
@@ -93,7 +94,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         t.add_column("proxy shape→shape", overflow="fold")
     else:   # narrow terminal: the shape goes under the name, fans share a column
         t.add_column("parameter\nproxy shape→shape", no_wrap=True)
-    cols = ("role", "fan_in", "fan_out", "init std") if wide else ("role\nin→out", "init\nstd")
+    cols = ("role", "layout", "fan_in", "fan_out", "init std") if wide else ("role\nin→out", "init\nstd")
     for col in (*cols, "lr", "wd", "eps", "note" if wide else ""):
         t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
     footnotes: dict[str, int] = {}
@@ -104,7 +105,9 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
         shape = _shape(tuple(p.base_shape), tuple(p.shape))
         head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
-        fan = [p.role, str(p.fan_in), str(p.fan_out)] if wide else [f"{p.role}\n[dim]{p.fan_in}→{p.fan_out}[/]"]
+        lay = f"{p.layout} [dim]{p.source}[/]"
+        fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
+               else [f"{p.role} [dim]{p.source}[/]\n[dim]{p.fan_in}→{p.fan_out}[/]"])
         t.add_row(*head, *fan, std, _fmt(p.lr), _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
     for note, i in footnotes.items():
@@ -115,7 +118,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         console.print(f"[yellow]note[/] {n}")
     if unknown:
         guessed = ", ".join(f"{n} as {plan.params[n].role}" if n in plan.params else n for n in unknown)
-        console.print(f"[yellow]warning[/] parameters of no known module, classified by shape: {guessed}"
+        console.print(f"[yellow]warning[/] parameters of no known module, not traced, classified by rank: {guessed}"
                       " (declare them under `layouts:` if wrong)")
     flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
              else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")

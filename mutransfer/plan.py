@@ -33,6 +33,8 @@ class ParamPlan:
     weight_decay: float
     eps: Optional[float]        # None for SGD
     note: Optional[str] = None
+    layout: str = "out_in"      # how the parameter is used (shapes.fans); see `source`
+    source: str = "module"      # how the layout was decided: module | traced | declared | guessed
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Plan:
                     "eps": p.eps,
                     "init": p.init,
                     "note": p.note,
+                    "layout": p.layout,
+                    "layout_source": p.source,
                 }
                 for p in self.params.values()
             ],
@@ -145,7 +149,7 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
-                              init, std, lr, wd, eps, note)
+                              init, std, lr, wd, eps, note, s.layout, s.source)
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():

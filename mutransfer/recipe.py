@@ -53,6 +53,51 @@ class FactorySpec(_Strict):
         return v
 
 
+class ModelSpec(FactorySpec):
+    # which tensor of the model's return value is the prediction (outputs.py): an index or a key
+    output: Optional[Union[int, str]] = None
+    # hf:<model_type> factories only (hf.py documents each)
+    task: Literal["causal-lm", "masked-lm", "sequence-classification", "image-classification", "base"] = "causal-lm"
+    width_fields: dict[str, float] = Field(default_factory=dict)
+    round_to: int = Field(default=1, ge=1)
+    heads_field: Optional[str] = None
+    head_dim: Optional[int] = Field(default=None, ge=1)
+    kv_heads_field: Optional[str] = None
+    kv_groups: int = Field(default=1, ge=1)
+    attn_implementation: Optional[Literal["eager", "sdpa"]] = None
+
+    @field_validator("width_fields")
+    @classmethod
+    def _wf(cls, v):
+        for k, m in v.items():
+            if isinstance(m, bool) or not m > 0:
+                raise ValueError(f"{k}: multiplier must be a number > 0, got {m!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _hf_only(self) -> "ModelSpec":
+        hf = self.factory.startswith("hf:")
+        set_ = [k for k in ("width_fields", "heads_field", "head_dim", "kv_heads_field", "attn_implementation")
+                if getattr(self, k)] + [k for k, d in (("round_to", 1), ("kv_groups", 1), ("task", "causal-lm"))
+                                        if getattr(self, k) != d]
+        if set_ and not hf:
+            raise ValueError(f"{set_[0]} applies to hf: factories only")
+        if hf and not self.width_fields:
+            raise ValueError("an hf: factory needs width_fields (the config fields that grow with width)")
+        if (self.heads_field is None) != (self.head_dim is None):
+            raise ValueError("heads_field and head_dim go together")
+        if self.kv_heads_field and not self.heads_field:
+            raise ValueError("kv_heads_field needs heads_field and head_dim")
+        return self
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output(cls, v):
+        if isinstance(v, bool) or not (v is None or isinstance(v, (int, str))):
+            raise ValueError(f"must be an integer index or a key name, got {v!r}")
+        return v
+
+
 class Widths(_Strict):
     proxy: int = Field(gt=0)
     target: int = Field(gt=0)
@@ -213,7 +258,7 @@ class Sweep(_Strict):
 
 class Recipe(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    model: FactorySpec
+    model: ModelSpec
     data: FactorySpec
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     widths: Widths

@@ -173,7 +173,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     # --- everything that can fail on bad input, before anything is written
     experiment.shapes_for(recipe, width)
     data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
-    experiment.first_batch(C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank)))
+    experiment.check_output(recipe, experiment.first_batch(
+        C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))))
     val = experiment.val_batches(recipe, t.eval_batches, seed=t.seed)
     ckpt, start = None, 0
     newest = C.latest(ck_dir)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .outputs import select
+
 LOSSES = ("cross_entropy", "mse")
 
 
@@ -63,6 +65,7 @@ class TrainConfig:
     divergence_factor: Optional[float] = None   # stop when loss > factor * first loss
     start_step: int = 0            # resume: steps already done (the data iterator is advanced by the caller)
     tf32: bool = True              # allow TF32 matmuls/convolutions on CUDA
+    output: Any = None             # which part of the model's return value is the prediction (outputs.py)
 
 
 @dataclass
@@ -105,14 +108,14 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool) -> float:
+def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool, output: Any = None) -> float:
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in batches:
         x, y = _to(batch, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
+            out = select(model(x), output)
         total += float(loss_fn(loss, out, y))
         n += 1
     model.train(was)
@@ -178,7 +181,7 @@ def train(
             last = i == config.grad_accum - 1
             with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    out = fwd(x)
+                    out = select(fwd(x), config.output)
                 loss = loss_fn(config.loss, out, y) / config.grad_accum
                 loss.backward()
             acc = loss.detach() if acc is None else acc + loss.detach()
@@ -210,7 +213,7 @@ def train(
         if val_batches and not state.diverged and (
             (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
         ):
-            state.val_loss = evaluate(model, val_batches, config.loss, dev, amp)
+            state.val_loss = evaluate(model, val_batches, config.loss, dev, amp, config.output)
             if not math.isfinite(state.val_loss):
                 state.diverged, state.stop = True, True
                 state.reason = f"validation loss became {state.val_loss} at step {state.step}"

@@ -79,9 +79,9 @@ def _stream(data: torch.Tensor, batch_size: int, seed: int, split: str, fmt: str
         starts = torch.randint(0, n, (batch_size,), generator=g)
         w = data[starts[:, None] + ar].long()
         if fmt == "sequence":
-            yield w[:, :-1], w[:, 1:]
+            yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
         else:
-            yield w[:, :-1], w[:, -1]
+            yield w[:, :-1].contiguous(), w[:, -1].contiguous()
 
 
 def pysource(batch_size: int, seed: int = 0, split: str = "train", seq_len: int = 64, format: str = "sequence",
