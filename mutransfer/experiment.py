@@ -124,7 +124,7 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
     return parametrize(
         model_factory(recipe), width, base, hp, optimizer or recipe.train.optimizer,
         recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
-        shapes=shapes_for(recipe, width, base),
+        shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
     )
 
 

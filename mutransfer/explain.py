@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import atomic
 from .experiment import data_stream, first_batch, model_factory, shapes_for
+from .parametrize import factory_stds
 from .outputs import select
 from .hparams import HParams
 from .plan import Plan, make_plan
@@ -59,8 +60,42 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
 def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup"):
     hp = hparams or HParams.from_train(recipe.train)
     shapes = shapes_for(recipe, width)
-    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization)
+    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init)
+    plan.notes.extend(replaced_init_notes(recipe, plan))
     return plan, shapes, estimate_cost(recipe, plan, width)
+
+
+def replaced_init_notes(recipe: Recipe, plan: Plan, tolerance: float = 0.25) -> list[str]:
+    """Name every parameter whose factory init the rule replaces (the proxy's factory std differs
+    from the rule's by more than `tolerance`, relative), so nothing is thrown away silently."""
+    if not any(p.init in ("normal", "zeros", "ones") for p in plan.params.values()):
+        return []
+    base_plan = plan if plan.width == plan.base_width else None
+    try:
+        stds = factory_stds(model_factory(recipe), recipe.widths.proxy, recipe.model.args, recipe.train.seed)
+        if base_plan is None:
+            base_plan = make_plan(shapes_for(recipe, recipe.widths.proxy), HParams.from_train(recipe.train),
+                                  recipe.train.optimizer, plan.parametrization, recipe.factory_init)
+    except Exception:  # noqa: BLE001 - a note, best effort
+        return []
+    out = []
+    for n, p in base_plan.params.items():
+        if p.init not in ("normal", "zeros", "ones") or n not in stds:
+            continue
+        rule = p.init_std if p.init == "normal" else None
+        f = stds[n]
+        if rule is None or (f == 0) != (rule == 0) or (rule > 0 and abs(f / rule - 1) > tolerance):
+            if p.init == "ones" and f == 0:     # a gain the factory left at 1 (std 0): the same
+                continue
+            if p.init == "zeros" and f == 0:
+                continue
+            out.append(f"{n}: factory init std {f:.3g} at the proxy replaced by the rule's "
+                       f"{'constant ' + ('1' if p.init == 'ones' else '0') if rule is None or rule == 0 else format(rule, '.3g')}")
+    if out:
+        head = (f"the rule replaces the factory's init of {len(out)} parameter(s) "
+                "(keep it with `factory_init: true` or a list of globs): ")
+        return [head + "; ".join(out[:8]) + (f"; ... {len(out) - 8} more" if len(out) > 8 else "")]
+    return []
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -99,7 +134,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
     footnotes: dict[str, int] = {}
     for p in plan.params.values():
-        std = _fmt(p.init_std) if p.init_std is not None else "keep"
+        std = (_fmt(p.init_std) if p.init_std is not None
+               else (f"fac×{p.init_factor:.3g}" if p.init == "factory" else "keep"))
         mark = ""
         if p.note:
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"

@@ -53,8 +53,19 @@ def build_model(factory: Callable, width: int, args: dict[str, Any], device: str
 
 
 @torch.no_grad()
-def init_model(model: nn.Module, plan: Plan, seed: int = 0) -> None:
-    """Initialise every parameter as the plan says, in name order, from a generator seeded by `seed`."""
+def factory_stds(factory: Callable, width: int, args: dict[str, Any], seed: int = 0) -> dict[str, float]:
+    """Std of every parameter of a fresh factory(width) (seeded): the proxy's reference for init
+    "factory". A constant tensor has std 0 (it then stays the factory's constant at every width)."""
+    torch.manual_seed(seed)
+    model = build_model(factory, width, args, "cpu")
+    return {n: (float(p.detach().float().std()) if p.numel() > 1 else 0.0) for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def init_model(model: nn.Module, plan: Plan, seed: int = 0, proxy_stds: Optional[dict[str, float]] = None) -> None:
+    """Initialise every parameter as the plan says, in name order, from a generator seeded by `seed`.
+    Parameters with init "factory" keep the factory's tensor, rescaled so that its std is the same
+    tensor's std at the proxy (`proxy_stds`, from factory_stds) times the plan's init_factor."""
     params = dict(model.named_parameters())
     missing = set(plan.params) - set(params)
     if missing:
@@ -63,6 +74,13 @@ def init_model(model: nn.Module, plan: Plan, seed: int = 0) -> None:
     for name, p in sorted(params.items()):
         pp = plan.params[name]
         if pp.init == "keep":
+            continue
+        if pp.init == "factory":
+            if proxy_stds is None or name not in proxy_stds:
+                raise ValueError(f"{name}: init 'factory' needs the proxy's stds (factory_stds)")
+            now = float(p.detach().float().std()) if p.numel() > 1 else 0.0
+            if now > 0 and proxy_stds[name] > 0:
+                p.mul_(proxy_stds[name] * pp.init_factor / now)
             continue
         if pp.init == "zeros":
             p.zero_()
@@ -154,20 +172,25 @@ def parametrize(
     parametrization: str = MUP,
     shapes: Optional[Shapes] = None,
     example: Any = None,
+    factory_init: bool | list[str] = False,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
     when already inferred (infer_shapes for the same factory, args, widths and layouts). `example`, a
-    model input, lets width inference trace how parameters of no known module are used."""
+    model input, lets width inference trace how parameters of no known module are used.
+    `factory_init` (True or globs) keeps the factory's own init at the proxy, transferred by ratio."""
     hp = hparams or HParams()
     args = args or {}
     if shapes is None:
         shapes = infer_shapes(factory, args, base_width, width, layouts, example=example)
-    plan = make_plan(shapes, hp, optimizer, parametrization)
+    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init)
+    proxy_stds = None
+    if any(p.init == "factory" for p in plan.params.values()):
+        proxy_stds = factory_stds(factory, base_width, args, seed)
     torch.manual_seed(seed)
-    skip = all(p.init != "keep" for p in plan.params.values())
+    skip = all(p.init not in ("keep", "factory") for p in plan.params.values())
     model = build_model(factory, width, args, device, skip_init=skip)
-    init_model(model, plan, seed)
+    init_model(model, plan, seed, proxy_stds)
     attach_readout_multipliers(model, plan)
     opt = make_optimizer(param_groups(model, plan), optimizer, hp, device)
     return Parametrized(model, opt, plan)

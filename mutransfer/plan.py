@@ -7,11 +7,13 @@ Nothing is attached to tensors; the plan is keyed by parameter name.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from . import spectral
+from .errors import UserError
 from .hparams import HParams
 from .shapes import Shapes
 
@@ -27,7 +29,7 @@ class ParamPlan:
     kind: str
     fan_in: int
     fan_out: int
-    init: str            # normal | zeros | ones | keep
+    init: str            # normal | zeros | ones | keep | factory
     init_std: Optional[float]   # std of the initial distribution (0 for constants, None for keep)
     lr: float
     weight_decay: float
@@ -35,6 +37,8 @@ class ParamPlan:
     note: Optional[str] = None
     layout: str = "out_in"      # how the parameter is used (shapes.fans); see `source`
     source: str = "module"      # how the layout was decided: module | traced | declared | guessed
+    # init "factory": the factory's own tensor, rescaled to (its std at the proxy) x init_factor
+    init_factor: Optional[float] = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class Plan:
                     "note": p.note,
                     "layout": p.layout,
                     "layout_source": p.source,
+                    "init_factor": p.init_factor,
                 }
                 for p in self.params.values()
             ],
@@ -112,8 +117,12 @@ def weight_decay(wd: float, global_lr: float, group_lr: float, m: float, optimiz
     return spectral.independent_weight_decay(wd, global_lr, group_lr)
 
 
-def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP) -> Plan:
+def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP,
+              factory_init: Union[bool, list[str]] = False) -> Plan:
     """The per-parameter plan at shapes.width, relative to shapes.base_width.
+
+    factory_init (True, or globs of parameter names): keep the factory's own initialisation at the
+    proxy and transfer it by the rule's ratio (init "factory") instead of the rule's formula.
 
     parametrization="sp" is the control used by coord-check and sweep: identical at the proxy width,
     elsewhere init std ~ 1/sqrt(fan_in) from the proxy's and LR, eps, weight decay fixed."""
@@ -122,6 +131,10 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     if parametrization not in (MUP, SP):
         raise ValueError(f"unknown parametrization {parametrization!r}")
     adam = optimizer in (spectral.ADAM, spectral.ADAMW)
+    globs = [] if isinstance(factory_init, bool) else list(factory_init)
+    for g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in shapes.params):
+            raise UserError(f"factory_init: {g}", "this pattern matches no parameter of the model")
     tied_params = set(shapes.tied_readouts.values())
     out: dict[str, ParamPlan] = {}
     notes: list[str] = []
@@ -134,7 +147,10 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             std_r, lr_r, eps_r = math.sqrt(s.base_fan_in / s.fan_in), 1.0, 1.0
         m = hp.mult(role, "mult")
         init = _init_kind(s.kind, s.layout, role, hp.zero_readout and name not in tied_params, s.source)
-        if init == "normal":
+        factor = None
+        if init in ("normal", "zeros") and (factory_init is True or any(fnmatch.fnmatchcase(name, g) for g in globs)):
+            init, std, factor = "factory", None, hp.init_scale * hp.mult(role, "init") * m * std_r
+        elif init == "normal":
             std = spectral.init_std(*base_fans) * hp.init_scale * hp.mult(role, "init") * m * std_r
         elif init in ("zeros", "ones"):
             std = 0.0
@@ -149,7 +165,7 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
-                              init, std, lr, wd, eps, note, s.layout, s.source)
+                              init, std, lr, wd, eps, note, s.layout, s.source, factor)
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():

@@ -266,6 +266,9 @@ class Recipe(_Strict):
     layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed"]] = Field(
         default_factory=dict
     )
+    # keep the factory's own init at the proxy (true, or globs of parameter names), transferred to
+    # other widths by the rule's ratio, instead of the rule's formula (plan.make_plan)
+    factory_init: Union[bool, list[str]] = False
     search: Search = Field(default_factory=Search)
     coord_check: CoordCheck = Field(default_factory=CoordCheck)
     sweep: Sweep = Field(default_factory=Sweep)
