@@ -177,4 +177,4 @@ def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None) -> N
     why = check_against_targets(pred, dev_y, recipe.loss)
     if why:
         hint = f"{recipe.model.output!r} " if recipe.model.output is not None else ""
-        raise UserError("model.output", f"{hint}gives a {why}")
+        raise UserError("model.output", f"{hint}selects a {why}")

@@ -57,10 +57,10 @@ def check_against_targets(pred: torch.Tensor, y: torch.Tensor, loss: str) -> Opt
     """Why `pred` cannot be scored against targets `y` by `loss`, or None."""
     if loss == "cross_entropy":
         if pred.dim() < 1 or tuple(pred.shape[:-1]) != tuple(y.shape):
-            return (f"prediction of shape {tuple(pred.shape)} does not match targets of shape {tuple(y.shape)} "
+            return (f"prediction of shape {tuple(pred.shape)} that does not match targets of shape {tuple(y.shape)} "
                     "(cross_entropy wants prediction shape = target shape + (classes,))")
         if not pred.is_floating_point():
             return f"prediction has dtype {pred.dtype}, not a floating type"
     elif pred.numel() != y.numel():
-        return f"prediction of shape {tuple(pred.shape)} does not match targets of shape {tuple(y.shape)}"
+        return f"prediction of shape {tuple(pred.shape)} that does not match targets of shape {tuple(y.shape)}"
     return None

@@ -210,7 +210,7 @@ class Reporter:
     def on_start(self, state: State) -> None:
         c = state.config
         amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
-        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp)
+        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp, c.output)
 
     def on_eval(self, state: State) -> None:
         if state.diverged or state.val_loss is None or not math.isfinite(state.val_loss):
