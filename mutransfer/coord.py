@@ -28,6 +28,8 @@ from torch import nn
 from .atomic import write_json
 from . import experiment
 from .errors import UserError
+from .coord_attention import AttentionTracer, scale_finding
+from .coord_spectral import SpectralRecorder
 from .hparams import HParams
 from .outputs import OutputError, select
 from .plan import MUP, SP
@@ -40,6 +42,12 @@ STATS = ("act", "update")
 # (1/sqrt(d_head) attention, at 10x the tuned LR) +0.36 to +0.47; SP under AdamW +0.68.
 BLOWUP_SLOPE = 0.3
 VANISH_SLOPE = -0.3
+# the spectral check (coord_spectral.py) divides each norm by what the condition prescribes, so a
+# correct parameter's slope is ~0 in either direction; |slope| above this is "mis-scaled" (exit 1).
+SPECTRAL_SLOPE = 0.3
+TAIL = 3                   # growth must persist over the widest TAIL widths to count (transients)
+FAILING = ("blowup", "mis-scaled")
+SPECTRAL_STATS = ("‖W₀‖", "‖ΔW‖")
 ROOT = "<output>"          # name shown for the root module (the model's output)
 PROBE_SEED = 0             # the probe batch: first batch of the validation stream at this seed
 TINY = 1e-30               # values at or below this count as exactly zero
@@ -138,11 +146,23 @@ class Probe:
         self._sums: dict[str, list] = {}      # name -> [sum |x|, sum |x - x0|, numel, calls]
         self._seen: dict[tuple, tuple] = {}   # (id(x), version, id(x0)) -> sums: hook points, the root
         self._clones: dict[tuple, tuple] = {}  # (id(x), version) -> its copy, on the first call
+        self._stack: list[str] = []            # names of the modules running (attention sites' names)
+        self.static: dict[str, tuple[int, float]] = {}   # attention site -> (d_head, scale)
+
+    def _pre(self, module, args) -> None:
+        name = self.names.get(id(module))
+        if name is not None:
+            self._stack.append(name)
+
+    def _where(self) -> str:
+        return self._stack[-1] if self._stack else ROOT
 
     def _hook(self, module, args, out) -> None:
         name = self.names.get(id(module))
         if name is None:
             return
+        if self._stack and self._stack[-1] == name:
+            self._stack.pop()
         if module is self.model:
             try:
                 out = select(out, self.output)
@@ -175,22 +195,38 @@ class Probe:
         acc[1] = acc[1] + hit[1]
         acc[2] += hit[2]
 
+    def _hook_site(self, site: str, t: torch.Tensor) -> None:
+        """An attention site's logits, measured like a module output named `site`."""
+        fake = _Site()
+        self.names[id(fake)] = site
+        self._hook(fake, (), t)
+
     @torch.no_grad()
     def __call__(self) -> dict[str, tuple[float, float]]:
         model = self.model
         was = model.training
         self._sums, self._seen, self._clones = {}, {}, {}
-        # one global forward hook for the duration of this forward pass (cheaper than one per module)
+        # one global forward hook for the duration of this forward pass (cheaper than one per module),
+        # and the attention tracer (coord_attention.py): probe passes only, never training steps
         handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        pre = torch.nn.modules.module.register_module_forward_pre_hook(self._pre)
         devices = [self.x.device] if self.x.device.type == "cuda" else []
+        tracer = AttentionTracer(self._where)
+        self._stack = []
         try:
             model.eval()
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), tracer:
                 model(self.x)
         finally:
             handle.remove()
+            pre.remove()
             model.train(was)
-            self._first = False
+        for site, tensors in tracer.logits.items():
+            for t in tensors:
+                self._hook_site(site, t)
+        if self._first:
+            self.static = dict(tracer.static)
+        self._first = False
         names = [n for n, acc in self._sums.items() if acc[2] > 0 and acc[3] == len(self.x0.get(n, ()))]
         self._seen, self._clones = {}, {}
         if not names:
@@ -200,6 +236,10 @@ class Probe:
         vals = sums.cpu().tolist()            # one device sync for every module
         k = len(names)
         return {n: (vals[i] / self._sums[n][2], vals[k + i] / self._sums[n][2]) for i, n in enumerate(names)}
+
+
+class _Site:
+    """Stands in for a module when an attention site's logits go through Probe._hook."""
 
 
 class Recorder:
@@ -223,6 +263,8 @@ class Run:
     records: list[dict[str, tuple[float, float]]]   # index t = 0..steps (fewer if it diverged)
     diverged: bool = False
     reason: str = ""
+    attention: dict = field(default_factory=dict)   # site -> (d_head, scale), from the first probe
+    spectral: dict = field(default_factory=dict)    # parameter -> (||W_0|| / target, ||dW|| / target)
 
 
 def probe_batch(recipe: Recipe, batch_size: int, device: str) -> torch.Tensor:
@@ -243,21 +285,23 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
     """Build the model at `width`, train it s.steps steps through train.train(), probing each step."""
     seed = recipe.train.seed + seed_index
     hp = HParams.from_train(recipe.train).with_values({"lr": s.lr})
-    model, opt, _ = experiment.build(recipe, width, hp, device=s.device, seed=seed,
-                                     parametrization=s.parametrization, optimizer=s.optimizer)
+    model, opt, plan = experiment.build(recipe, width, hp, device=s.device, seed=seed,
+                                        parametrization=s.parametrization, optimizer=s.optimizer)
     cfg = experiment.train_config(recipe, s.device, steps=s.steps, schedule="constant", warmup=0,
                                   grad_clip=None, grad_accum=1, eval_every=0, log_every=s.steps)
     rec = Recorder(Probe(model, x, recipe.model.output))
+    spec = SpectralRecorder(model, plan) if seed_index == 0 else None   # one seed: norms are not noisy
     data = iter(batches) if batches is not None else experiment.data_stream(recipe, "train", seed, s.batch_size)
     from .train import train  # the one training loop
 
     try:
-        state = train(model, opt, data, cfg, callbacks=[rec])
+        state = train(model, opt, data, cfg, callbacks=[rec] + ([spec] if spec else []))
     except UserError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise UserError("model", f"training failed at width {width}: {type(e).__name__}: {e}") from None
-    return Run(width, seed_index, rec.records, state.diverged, state.reason)
+    return Run(width, seed_index, rec.records, state.diverged, state.reason, dict(rec.probe.static),
+               dict(spec.values) if spec else {})
 
 
 def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
@@ -294,6 +338,7 @@ def cache_key(recipe: Recipe, s: Settings) -> str:
     d = recipe.model_dump(mode="json", exclude={"name", "coord_check", "search", "sweep"})
     d["settings"] = {k: v for k, v in asdict(s).items() if k != "device"}
     d["probe_seed"] = PROBE_SEED
+    d["measurements"] = 2     # v2: attention logits, spectral norms
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -304,7 +349,9 @@ def _run_path(cache: Path, width: int, seed: int) -> Path:
 def save_run(cache: Path, r: Run) -> None:
     write_json(_run_path(cache, r.width, r.seed),
                {"width": r.width, "seed": r.seed, "diverged": r.diverged, "reason": r.reason,
-                "records": [{n: list(v) for n, v in rec.items()} for rec in r.records]}, indent=None)
+                "records": [{n: list(v) for n, v in rec.items()} for rec in r.records],
+                "attention": {n: list(v) for n, v in r.attention.items()},
+                "spectral": {n: list(v) for n, v in r.spectral.items()}}, indent=None)
 
 
 def load_run(cache: Path, width: int, seed: int) -> Optional[Run]:
@@ -315,7 +362,9 @@ def load_run(cache: Path, width: int, seed: int) -> Optional[Run]:
     try:
         d = json.loads(path.read_text())
         records = [{n: (float(v[0]), float(v[1])) for n, v in rec.items()} for rec in d["records"]]
-        return Run(int(d["width"]), int(d["seed"]), records, bool(d["diverged"]), str(d["reason"]))
+        att = {n: (int(v[0]), float(v[1])) for n, v in d.get("attention", {}).items()}
+        spec = {n: (float(v[0]), float(v[1])) for n, v in d.get("spectral", {}).items()}
+        return Run(int(d["width"]), int(d["seed"]), records, bool(d["diverged"]), str(d["reason"]), att, spec)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
@@ -357,6 +406,55 @@ class Row:
     spread: float                # std of the per-seed slopes
     flag: str
     series: list[list[float]] = field(default_factory=list)  # per width, seed-averaged, t = 0..steps
+    tail_slope: Optional[float] = None   # over the widest TAIL widths (None with fewer widths)
+    early_slope: Optional[float] = None  # updates: the slope after the first step (before saturation)
+
+
+def judged(widths: list[int], values: list[float], statistic: str, start: int = 0,
+           name_is_logits: bool = False) -> tuple[float, Optional[float], str]:
+    """(slope, tail slope, flag) of one series. Slopes are fitted from index `start` (past a regime
+    change of the rule); growth is a blowup only when the slope over the widest TAIL widths is above
+    the threshold too: a finite-width transient that stops growing is not one. Spectral statistics
+    are flagged "mis-scaled" in either direction."""
+    ws, vs = widths[start:], values[start:]
+    if len(ws) < 2:
+        ws, vs = widths, values
+    slope = loglog_slope(ws, vs)
+    tail = loglog_slope(ws[-TAIL:], vs[-TAIL:]) if len(ws) > TAIL else None
+    if statistic in SPECTRAL_STATS:
+        bad = abs(slope) > SPECTRAL_SLOPE and (tail is None or abs(tail) > SPECTRAL_SLOPE)
+        return slope, tail, ("mis-scaled" if bad else "ok")
+    f = flag(statistic, slope)
+    if f == "vanishing" and name_is_logits:
+        f = "ok"      # 1/d logits start O(1/sqrt(d)) and move slowly: shrinking is expected early
+    if f == "blowup" and tail is not None and flag(statistic, tail) != "blowup":
+        f = "ok"
+    return slope, tail, f
+
+
+def regime_start(changes: list[tuple[str, int, int]], widths: list[int]) -> int:
+    """Index of the first width past the last regime change (0 when there is none)."""
+    idx = 0
+    for _, _, w_b in changes:
+        if w_b in widths:
+            idx = max(idx, widths.index(w_b))
+    return idx if len(widths) - idx >= 2 else 0
+
+
+def regime_changes(recipe: Recipe, widths: list[int]) -> list[tuple[str, int, int]]:
+    """(parameter, width a, width b): the rule's min(1, sqrt(fan_out/fan_in)) changes branch
+    between consecutive widths a and b (e.g. a stem conv with fan_in 27 at channels 16 -> 32)."""
+    out = []
+    branch: dict[str, list[tuple[int, bool]]] = {}
+    for w in widths:
+        for n, p in experiment.shapes_for(recipe, w).params.items():
+            if p.role in ("input", "hidden", "output"):
+                branch.setdefault(n, []).append((w, p.fan_out >= p.fan_in))
+    for n, seq in branch.items():
+        for (wa, ba), (wb, bb) in zip(seq, seq[1:]):
+            if ba != bb:
+                out.append((n, wa, wb))
+    return out
 
 
 @dataclass
@@ -364,10 +462,17 @@ class Result:
     settings: Settings
     rows: list[Row]
     diverged: list[str]
+    findings: list[str] = field(default_factory=list)   # structural: wrong attention scale
+    notes: list[str] = field(default_factory=list)      # regime changes of the rule inside the ladder
 
     @property
     def verdict(self) -> str:
-        return "blowup" if self.diverged or any(r.flag == "blowup" for r in self.rows) else "ok"
+        bad = self.diverged or self.findings or any(r.flag in FAILING for r in self.rows)
+        return "blowup" if bad else "ok"
+
+    def to_json(self) -> dict:
+        from .coord_report import to_json
+        return to_json(self)
 
     @property
     def worst_first(self) -> list[Row]:
@@ -383,9 +488,14 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def verdict(runs: list[Run], s: Settings) -> Result:
-    """Rows (module x statistic) with slopes and flags, from the measured runs."""
+def verdict(runs: list[Run], s: Settings, changes: Optional[list[tuple[str, int, int]]] = None) -> Result:
+    """Rows (module x statistic, parameter x spectral statistic) with slopes and flags, structural
+    findings on attention scales, from the measured runs. `changes`: regime_changes of the rule."""
     widths = list(s.widths)
+    changes = changes or []
+    start = regime_start(changes, widths)
+    notes = [f"{n}: the rule's min(1, √(fan_out/fan_in)) changes branch between widths {a} and {b}; "
+             f"slopes are judged from width {widths[start]} on" for n, a, b in changes if start and b == widths[start]]
     names: list[str] = []
     for r in runs:
         for rec in r.records:
@@ -409,7 +519,10 @@ def verdict(runs: list[Run], s: Settings) -> Result:
             present = [(w, v) for w, v in zip(widths, last) if v == v]
             if len(present) < 2:
                 continue
-            slope = loglog_slope([w for w, _ in present], [v for _, v in present])
+            pw = [w for w, _ in present]
+            slope, tail, fl = judged(pw, [v for _, v in present], stat,
+                                     start=pw.index(widths[start]) if widths[start] in pw else 0,
+                                     name_is_logits=name.endswith(":attn-logits"))
             seeds = sorted({rr.seed for rr in runs})
             per_seed = []
             for k in seeds:
@@ -419,10 +532,43 @@ def verdict(runs: list[Run], s: Settings) -> Result:
                     per_seed.append(loglog_slope([w for w, _ in pts], [v for _, v in pts]))
             fin = [p for p in per_seed if math.isfinite(p)]
             spread = math.sqrt(sum((p - _mean(fin)) ** 2 for p in fin) / len(fin)) if len(fin) > 1 else 0.0
-            rows.append(Row(name, stat, last, slope, spread, flag(stat, slope), series))
-    return Result(s, rows, diverged)
+            early = None
+            if stat == "update" and T >= 2:
+                first = [(w, ser[1]) for w, ser in zip(widths, series) if ser[1] == ser[1]]
+                if len(first) >= 2:
+                    fw = [w for w, _ in first]
+                    early, _, efl = judged(fw, [v for _, v in first], stat,
+                                           start=fw.index(widths[start]) if widths[start] in fw else 0,
+                                           name_is_logits=name.endswith(":attn-logits"))
+                    if efl == "blowup":
+                        fl = "blowup"   # growth right after the first step: a trend, not saturation
+            rows.append(Row(name, stat, last, slope, spread, fl, series, tail, early))
+    # the spectral condition, per parameter (seed 0's runs)
+    spec_runs = {r.width: r for r in runs if r.spectral and not r.diverged}
+    params = sorted({n for r in spec_runs.values() for n in r.spectral})
+    for n in params:
+        for si, stat in enumerate(SPECTRAL_STATS):
+            pts = [(w, spec_runs[w].spectral[n][si]) for w in widths if w in spec_runs and n in spec_runs[w].spectral]
+            if len(pts) < 2 or (si == 0 and all(v <= TINY for _, v in pts)):
+                continue        # a zero-initialised matrix is judged on its update only
+            pw = [w for w, _ in pts]
+            slope, tail, fl = judged(pw, [v for _, v in pts], stat,
+                                     start=pw.index(widths[start]) if widths[start] in pw else 0)
+            rows.append(Row(n, stat, [v for _, v in pts], slope, 0.0, fl, [], tail))
+    # attention scales, structurally
+    findings = []
+    sites = sorted({n for r in runs for n in r.attention})
+    for site in sites:
+        per_width = {}
+        for r in runs:
+            if site in r.attention:
+                per_width.setdefault(r.width, tuple(r.attention[site]))
+        f = scale_finding(site, per_width)
+        if f:
+            findings.append(f)
+    return Result(s, rows, diverged, findings, notes)
 
 
 def run(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
         cache_dir: Optional[Path] = None) -> Result:
-    return verdict(measure(recipe, s, on_run, cache_dir), s)
+    return verdict(measure(recipe, s, on_run, cache_dir), s, regime_changes(recipe, list(s.widths)))

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,7 +19,7 @@ from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
 from .errors import UserError
 from .recipe import Recipe
 
-COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow"}
+COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta"}
 
 
 def check_output(path: Optional[Path], flag: str, suffix: Optional[str] = None) -> None:
@@ -59,6 +60,8 @@ def note(row) -> str:
         return "grows with width"
     if row.flag == "vanishing":
         return "updates shrink with width (kernel-like)"
+    if row.flag == "mis-scaled":
+        return "norm departs from √(fan_out/fan_in)"
     return ""
 
 
@@ -86,6 +89,15 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
     console.print(t)
     for d in res.diverged:
         console.print(f"[bold red]diverged[/] {d}")
+    for f in res.findings:
+        console.print(f"[bold red]attention[/] {f}", highlight=False)
+    for n in res.notes:
+        console.print(f"[cyan]regime change[/] {n}", highlight=False)
+    ns = sum(r.flag == "mis-scaled" for r in res.rows)
+    if ns:
+        console.print(f"[bold magenta]mis-scaled[/]: {ns} parameter norm(s) (‖W₀‖ at init, ‖ΔW‖ after the steps, "
+                      "divided by √(fan_out/fan_in) of the traced layout) move with width: slope beyond "
+                      f"±{coord.SPECTRAL_SLOPE:.2f}", highlight=False)
     nb = sum(r.flag == "blowup" for r in res.rows)
     nv = sum(r.flag == "vanishing" for r in res.rows)
     if nv:
@@ -98,8 +110,11 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
         console.print(f"[green]verdict: ok[/] (no slope above {BLOWUP_SLOPE:+.2f})"
                       + (f"; [yellow]{nv} vanishing-update warning(s)[/] (slope below {VANISH_SLOPE:+.2f})" if nv else ""))
     else:
-        console.print(f"[bold red]verdict: blowup[/] ({nb} statistic(s) with slope above {BLOWUP_SLOPE:+.2f}"
-                      + (", a run diverged" if res.diverged else "") + ")")
+        why = [f"{nb} statistic(s) with slope above {BLOWUP_SLOPE:+.2f}"] if nb else []
+        why += [f"{ns} mis-scaled parameter(s)"] if ns else []
+        why += [f"{len(res.findings)} attention-scale finding(s)"] if res.findings else []
+        why += ["a run diverged"] if res.diverged else []
+        console.print(f"[bold red]verdict: blowup[/] ({', '.join(why)})")
 
 
 def to_json(res: Result) -> dict:
@@ -116,11 +131,15 @@ def to_json(res: Result) -> dict:
         "widths": list(s.widths),
         "steps": s.steps,
         "seeds": s.seeds,
-        "thresholds": {"blowup": BLOWUP_SLOPE, "vanishing": VANISH_SLOPE},
+        "thresholds": {"blowup": BLOWUP_SLOPE, "vanishing": VANISH_SLOPE, "spectral": coord.SPECTRAL_SLOPE,
+                       "tail_widths": coord.TAIL},
         "diverged": list(res.diverged),
+        "findings": list(res.findings),
+        "notes": list(res.notes),
         "modules": [
             {"name": r.name, "statistic": r.statistic, "values": [num(v) for v in r.values],
-             "slope": num(r.slope), "spread": num(r.spread), "flag": r.flag,
+             "slope": num(r.slope), "tail_slope": None if r.tail_slope is None else num(r.tail_slope),
+             "spread": num(r.spread), "flag": r.flag,
              "series": [[num(v) for v in ser] for ser in r.series]}
             for r in res.worst_first
         ],
@@ -135,6 +154,40 @@ def write_json(res: Result, path: Path) -> None:
     write_via(path, w)
 
 
+def _extra_panels(res: Result, axes, colour: dict, legend: set) -> list:
+    """The last column: attention logits (act, update at the last step) on top, the spectral
+    check (norm / √(fan_out/fan_in), init and update) below."""
+    s = res.settings
+    top, bottom = axes[0][-1], axes[1][-1]
+    for r in res.rows:
+        if r.name.endswith(":attn-logits"):
+            ax, ys = top, r.values
+        elif r.statistic in coord.SPECTRAL_STATS:
+            ax, ys = bottom, r.values
+        else:
+            continue
+        pts = [(w, y) for w, y in zip(s.widths, ys) if y == y and math.isfinite(y) and y > 0]
+        if len(pts) < 2:
+            continue
+        bad = r.flag in ("blowup", "mis-scaled")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if r.statistic != "‖ΔW‖" else "--", marker="o", ms=3,
+                lw=2.6 if bad else 0.9, color=colour.get(r.name, "grey"), label=r.name if r.name in legend else None)
+    top.set_title("attention logits (act —, update --)" + (" ⚠ scale" if res.findings else ""), fontsize=10,
+                  color="red" if res.findings else "black")
+    bottom.set_title("spectral: ‖W₀‖, ‖ΔW‖ ÷ √(fan_out/fan_in)", fontsize=10)
+    for ax in (top, bottom):
+        if not ax.lines:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(list(s.widths))
+        ax.set_xticklabels([str(w) for w in s.widths])
+        ax.set_xlabel("width")
+        ax.grid(True, which="both", alpha=0.3)
+    return [top, bottom]
+
+
 def plot(res: Result, path: Path, max_legend: int = 12) -> None:
     """One row per statistic (act, update), columns at t = first, middle, last step; width on x,
     log-log, one line per module (blowup red, vanishing orange, ok in muted colours)."""
@@ -146,17 +199,21 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
     T = s.steps
     cols = {"act": sorted({0, T // 2, T}), "update": sorted({1, (T + 1) // 2, T})}
     ncol = max(len(v) for v in cols.values())
-    fig, axes = plt.subplots(2, ncol, figsize=(4.2 * ncol + 2.5, 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, ncol + 1, figsize=(4.2 * (ncol + 1) + 2.5, 7.5), squeeze=False)
     cmap = plt.get_cmap("tab20")
     names = list(dict.fromkeys(r.name for r in res.worst_first))
-    colour = {n: cmap(i % 20) for i, n in enumerate(names)}
-    worst = set(names[:max_legend])
+    # a module keeps its colour in every plot (muP and SP of the same model): hashed from its name
+    colour = {n: cmap(zlib.crc32(n.encode()) % 20) for n in names}
+    flagged = [r.name for r in res.worst_first if r.flag != "ok"]
+    worst = set(dict.fromkeys(flagged + names)) if len(flagged) >= max_legend else set(
+        list(dict.fromkeys(flagged + names))[:max_legend])
     for i, stat in enumerate(("act", "update")):
-        rows = [r for r in res.rows if r.statistic == stat]
+        rows = [r for r in res.rows if r.statistic == stat and not r.name.endswith(":attn-logits")]
         for j in range(ncol):
             ax = axes[i][j]
             if j >= len(cols[stat]):
-                ax.axis("off")
+                if j < ncol:
+                    ax.axis("off")
                 continue
             t = cols[stat][j]
             for r in rows:
@@ -164,7 +221,8 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
                 pts = [(w, y) for w, y in zip(s.widths, ys) if y == y and math.isfinite(y) and y > 0]
                 if len(pts) < 2:
                     continue
-                lw, style = (2.2, "-") if r.flag == "blowup" else ((1.6, "--") if r.flag == "vanishing" else (1.0, "-"))
+                lw, style = ((2.6, "-") if r.flag in ("blowup", "mis-scaled")
+                             else ((1.6, "--") if r.flag == "vanishing" else (0.9, ":")))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, lw=lw,
                         color=colour[r.name], label=r.name if r.name in worst else None)
             ax.set_xscale("log", base=2)
@@ -179,8 +237,9 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
             ax.set_xlabel("width")
             ax.grid(True, which="both", alpha=0.3)
         axes[i][0].set_ylabel("mean |x_t|" if stat == "act" else "mean |x_t - x_0|")
+    extra = _extra_panels(res, axes, colour, worst)
     handles, labels = [], []
-    for ax in axes.flat:
+    for ax in list(axes.flat) + extra:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
@@ -188,7 +247,7 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
     fig.legend(handles, labels, loc="center right", fontsize=8, title=f"modules (worst {len(labels)})")
     fig.suptitle(f"coord-check: {s.parametrization}, {s.optimizer}, lr {s.lr:g} - verdict {res.verdict}",
                  color="red" if res.verdict == "blowup" else "black")
-    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4.2 * ncol + 2.5), 0.96))
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4.2 * (ncol + 1) + 2.5), 0.96))
 
     def w(tmp):
         fig.savefig(tmp, format="png", dpi=110)
