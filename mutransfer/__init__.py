@@ -5,10 +5,11 @@ from .parametrize import Parametrized, attach_readout_multipliers, init_model, m
 from .plan import ParamPlan, Plan, make_plan
 from .shapes import Shapes, infer_shapes
 from . import spectral
+from .coord_api import coord_check
 
 __version__ = "0.1.0"
 __all__ = [
     "UserError", "HParams", "TUNABLE_NAMES", "Parametrized", "parametrize", "init_model", "make_optimizer",
     "param_groups", "attach_readout_multipliers", "ParamPlan", "Plan", "make_plan", "Shapes",
-    "infer_shapes", "spectral",
+    "infer_shapes", "spectral", "coord_check",
 ]

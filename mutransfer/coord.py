@@ -552,8 +552,9 @@ def verdict(runs: list[Run], s: Settings, changes: Optional[list[tuple[str, int,
             if len(pts) < 2 or (si == 0 and all(v <= TINY for _, v in pts)):
                 continue        # a zero-initialised matrix is judged on its update only
             pw = [w for w, _ in pts]
-            slope, tail, fl = judged(pw, [v for _, v in pts], stat,
-                                     start=pw.index(widths[start]) if widths[start] in pw else 0)
+            # a parameter's norm is judged past its *own* regime change only (others' do not move it)
+            own = regime_start([c for c in changes if c[0] == n], pw)
+            slope, tail, fl = judged(pw, [v for _, v in pts], stat, start=own)
             rows.append(Row(n, stat, [v for _, v in pts], slope, 0.0, fl, [], tail))
     # attention scales, structurally
     findings = []

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .shapes import fans
+
 ITERS = 12
 
 
@@ -75,22 +77,29 @@ class SpectralRecorder:
         self.values: dict[str, tuple[float, float]] = {}    # name -> (init ratio, update ratio)
 
     def _params(self):
+        """(name, tensor, layout, fan_in, fan_out) of every matrix, by its *used* layout: a wrong
+        `layouts:` declaration is judged against what the forward pass does."""
         for n, p in self.model.named_parameters():
             pp = self.plan.params.get(n)
-            if pp is not None and pp.role in ("input", "hidden", "output") and as_matrix(p, pp.layout) is not None:
-                yield n, p, pp
+            if pp is None or pp.role not in ("input", "hidden", "output"):
+                continue
+            lay = pp.use_layout or pp.layout
+            if as_matrix(p, lay) is None:
+                continue
+            fi, fo = fans(tuple(p.shape), lay)
+            yield n, p, lay, fi, fo
 
     def on_start(self, state) -> None:
         with torch.no_grad():
-            self.w0 = {n: p.detach().clone() for n, p, _ in self._params()}
+            self.w0 = {n: p.detach().clone() for n, p, *_ in self._params()}
 
     def on_end(self, state) -> None:
         with torch.no_grad():
-            for n, p, pp in self._params():
+            for n, p, lay, fi, fo in self._params():
                 if n not in self.w0:
                     continue
-                t = target(pp.fan_in, pp.fan_out, pp.layout)
-                w0 = size(self.w0[n], pp.layout)
-                dw = size(p.detach() - self.w0[n], pp.layout)
+                t = target(fi, fo, lay)
+                w0 = size(self.w0[n], lay)
+                dw = size(p.detach() - self.w0[n], lay)
                 self.values[n] = (w0 / t, dw / t)
         self.w0 = {}

@@ -39,6 +39,7 @@ class ParamPlan:
     source: str = "module"      # how the layout was decided: module | traced | declared | guessed
     # init "factory": the factory's own tensor, rescaled to (its std at the proxy) x init_factor
     init_factor: Optional[float] = None
+    use_layout: Optional[str] = None   # how the forward pass uses it, when a declaration overrode that
 
 
 @dataclass
@@ -165,7 +166,7 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
-                              init, std, lr, wd, eps, note, s.layout, s.source, factor)
+                              init, std, lr, wd, eps, note, s.layout, s.source, factor, s.use_layout)
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():

@@ -39,6 +39,7 @@ class ParamShape:
     base_fan_out: int
     module: str      # owning module's class name ("" for none)
     source: str = "module"   # how the layout was decided: module | traced | declared | guessed
+    use_layout: Optional[str] = None   # the module's or traced layout when `layouts:` overrode it
 
 
 @dataclass
@@ -219,6 +220,7 @@ def infer_shapes(
                 for m in lin:
                     tied[m[0]] = name
         override = next((lay for pat, lay in layouts.items() if fnmatch.fnmatchcase(name, pat)), None)
+        use_layout = layout if override is not None and source in ("module", "traced") else None
         if override is not None:
             if source in ("module", "traced") and override != layout and warn:
                 traced = layout_from_use(uses[name], tuple(p.shape)) if name in uses else None
@@ -237,7 +239,7 @@ def infer_shapes(
         rfi, rfo = fans(rs, layout)
         role = _role(kind, layout, (bfi, rfi), (bfo, rfo))
         params[name] = ParamShape(name, s, bs, kind, layout, role, nfi, nfo, bfi, bfo, type(mods[0][1]).__name__,
-                                  source)
+                                  source, use_layout)
 
     if unknown and warn:
         warnings.warn(
