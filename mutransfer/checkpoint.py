@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .atomic import write_via
+from .signals import sigint_ignored
 from . import distributed as D
 
 NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -204,6 +205,8 @@ class StopOnSignal:
     def on_start(self, state) -> None:
         try:
             for s in self.SIGNALS:
+                if s == signal.SIGINT and sigint_ignored():
+                    continue      # a background job: the shell asked for Ctrl-C to be ignored
                 self.old[s] = signal.signal(s, self._handler)
         except ValueError:  # not the main thread: leave signals alone
             self._restore()

@@ -5,7 +5,9 @@ Exit codes: 0 success, 1 the work itself failed (blowup flagged, every trial div
 """
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -14,6 +16,7 @@ import typer
 from rich.console import Console
 
 from .errors import UserError
+from .signals import terminate_raises
 
 app = typer.Typer(
     add_completion=False,
@@ -28,7 +31,8 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
-            return fn(*a, **kw)
+            with terminate_raises():
+                return fn(*a, **kw)
         except UserError as e:
             err.print(f"[red]error:[/] {e.where}: {e.message}" if e.where else f"[red]error:[/] {e.message}",
                       highlight=False, soft_wrap=True)
@@ -36,6 +40,13 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                where = getattr(e, "filename", None) or "output"
+                err.print(f"[red]error:[/] {where}: {os.strerror(e.errno)}; what finished before is kept",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(2)
+            raise
     return wrapper
 
 
@@ -89,6 +100,8 @@ def scale(
     if w <= 0:
         raise UserError("--width", "must be > 0")
     if dry_run:
+        from .outputs_guard import check_output
+        check_output(json_path, "--json", "plan", [recipe], ".json")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, shapes, cost = explain(r, w)

@@ -15,6 +15,7 @@ log(value at the last step, averaged over seeds) against log(width). A slope abo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -148,6 +149,7 @@ class Probe:
         self._clones: dict[tuple, tuple] = {}  # (id(x), version) -> its copy, on the first call
         self._stack: list[str] = []            # names of the modules running (attention sites' names)
         self.static: dict[str, tuple[int, float]] = {}   # attention site -> (d_head, scale)
+        self._attention = True   # off after a first pass that saw no attention (no overhead for MLPs)
 
     def _pre(self, module, args) -> None:
         name = self.names.get(id(module))
@@ -215,7 +217,7 @@ class Probe:
         self._stack = []
         try:
             model.eval()
-            with torch.random.fork_rng(devices=devices), tracer:
+            with torch.random.fork_rng(devices=devices), (tracer if self._attention else contextlib.nullcontext()):
                 model(self.x)
         finally:
             handle.remove()
@@ -226,6 +228,7 @@ class Probe:
                 self._hook_site(site, t)
         if self._first:
             self.static = dict(tracer.static)
+            self._attention = bool(tracer.logits or tracer.static)
         self._first = False
         names = [n for n, acc in self._sums.items() if acc[2] > 0 and acc[3] == len(self.x0.get(n, ()))]
         self._seen, self._clones = {}, {}

@@ -17,6 +17,7 @@ from .atomic import write_via
 from . import coord
 from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
 from .errors import UserError
+from .outputs_guard import check_output as guard, marker
 from .recipe import Recipe
 
 COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta"}
@@ -124,6 +125,7 @@ def to_json(res: Result) -> dict:
         return x if math.isfinite(x) else (None if x != x else ("inf" if x > 0 else "-inf"))
 
     return {
+        "written_by": marker("coord-check results"),
         "verdict": res.verdict,
         "parametrization": s.parametrization,
         "optimizer": s.optimizer,
@@ -250,7 +252,7 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4.2 * (ncol + 1) + 2.5), 0.96))
 
     def w(tmp):
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": marker("coord-check plot")})
     try:
         write_via(path, w)
     finally:
@@ -268,8 +270,8 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
 
     ws = coord.parse_widths(widths) if widths is not None else None
     s = coord.resolve(recipe, ws, steps, seeds, lr, optimizer, parametrization, resolve_device(device))
-    check_output(json_path, "--json", ".json")
-    check_output(plot_path, "--plot", ".png")
+    guard(json_path, "--json", "coord-check results", [recipe.path], ".json")
+    guard(plot_path, "--plot", "coord-check plot", [recipe.path], ".png")
     check_recipe(recipe)
     for w in s.widths:                # every width builds (on the meta device) before anything trains
         shapes_for(recipe, w)

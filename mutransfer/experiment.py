@@ -53,6 +53,8 @@ def data_stream(recipe: Recipe, split: str, seed: int, batch_size: Optional[int]
         raise UserError("data.args", f"data factory call failed: {e}") from None
     except Exception as e:  # noqa: BLE001
         raise UserError("data", f"data factory failed: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise UserError("data.factory", f"the data factory called sys.exit({e.code!r})") from None
     return it
 
 
@@ -143,10 +145,23 @@ def check_recipe(recipe: Recipe) -> None:
     and the model's output on it (check_output)."""
     shapes_for(recipe, recipe.widths.target)
     it = data_stream(recipe, "train", recipe.train.seed, batch_size=2)
-    check_output(recipe, first_batch(it))
+    train_batch = first_batch(it)
+    check_output(recipe, train_batch)
+    val_batch = first_batch(data_stream(recipe, "val", recipe.train.seed, batch_size=2), "data (validation)")
+    check_batches_agree(train_batch, val_batch)
+    check_output(recipe, val_batch, where="data (validation)")
 
 
-def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None) -> None:
+def check_batches_agree(train: tuple, val: tuple) -> None:
+    """Validation batches must look like training batches (all but the batch dimension, dtypes)."""
+    for i, what in ((0, "inputs"), (1, "targets")):
+        a, b = train[i], val[i]
+        if tuple(a.shape[1:]) != tuple(b.shape[1:]) or a.dtype != b.dtype:
+            raise UserError("data (validation)", f"validation {what} {tuple(b.shape)} {b.dtype} do not match "
+                            f"training {what} {tuple(a.shape)} {a.dtype} (beyond the batch dimension)")
+
+
+def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, where: str = "data") -> None:
     """One forward pass of the model at the proxy width (on the meta device when it runs there, else
     on the CPU) on `batch`: model.output must select a prediction that the loss can score against the
     targets. UserError naming model.output otherwise, before anything is trained or written."""
@@ -178,3 +193,19 @@ def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None) -> N
     if why:
         hint = f"{recipe.model.output!r} " if recipe.model.output is not None else ""
         raise UserError("model.output", f"{hint}selects a {why}")
+    why = target_problem(y, pred.shape[-1] if pred.dim() else 1, recipe.loss)
+    if why:
+        raise UserError(where, why)
+
+
+def target_problem(y: torch.Tensor, classes: int, loss: str) -> Optional[str]:
+    """Why targets `y` cannot be scored by `loss` against `classes` outputs (None when they can)."""
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            return f"targets have dtype {y.dtype}; cross_entropy wants integer class indices"
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            return (f"targets out of range: min {int(y.min())}, max {int(y.max())}, but the model has "
+                    f"{classes} outputs (class indices must be in [0, {classes}))")
+    elif not (y.is_floating_point() or y.dtype in (torch.int64, torch.int32)):
+        return f"targets have dtype {y.dtype}; mse wants numbers"
+    return None

@@ -16,6 +16,7 @@ from . import atomic
 from .experiment import data_stream, first_batch, model_factory, shapes_for
 from .parametrize import factory_stds
 from .outputs import select
+from .outputs_guard import marker
 from .hparams import HParams
 from .plan import Plan, make_plan
 from .recipe import Recipe
@@ -166,7 +167,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
 
 
 def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
-    d = plan.to_json()
+    d = {"written_by": marker("plan"), **plan.to_json()}
     d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes,
                  "flops_error": cost.flops_error}
     atomic.write_json(path, d)

@@ -18,6 +18,7 @@ import yaml
 
 from .atomic import write_text
 from .errors import UserError
+from .outputs_guard import marker
 from .hparams import TUNABLE_NAMES, HParams
 from .recipe import load_yaml
 
@@ -32,7 +33,7 @@ def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optim
                        best_value: Optional[float], study: str, storage: str, steps: Optional[int] = None,
                        extra: Optional[dict] = None) -> Path:
     """Write atomically (temporary file, then rename)."""
-    d = {"recipe": str(recipe), "proxy_width": int(proxy_width), "optimizer": optimizer,
+    d = {"written_by": marker("hparams"), "recipe": str(recipe), "proxy_width": int(proxy_width), "optimizer": optimizer,
          "hparams": {k: (v if isinstance(v, bool) else float(v)) for k, v in hparams.items()},
          "best_value": None if best_value is None else float(best_value), "study": study, "storage": storage}
     if steps is not None:
@@ -57,8 +58,34 @@ def read_hparams_file(path: str | Path) -> dict:
         if k not in TUNABLE_NAMES:
             raise UserError(f"{p}: hparams.{k}", f"unknown tunable; known: {', '.join(TUNABLE_NAMES)}")
         if not isinstance(v, (int, float, bool)):
-            raise UserError(f"{p}: hparams.{k}", "must be a number")
+            raise UserError(f"{p}: hparams.{k}", f"must be a number, got {v!r}")
+        why = value_problem(k, v)
+        if why:
+            raise UserError(f"{p}: hparams.{k}", f"{why}, got {v!r}")
+    if isinstance(d["proxy_width"], bool) or not isinstance(d["proxy_width"], int) or not 0 < d["proxy_width"] < 2**31:
+        raise UserError(f"{p}: proxy_width", f"must be a positive integer, got {d['proxy_width']!r}")
     return d
+
+
+def value_problem(name: str, v) -> Optional[str]:
+    """Why a tuned value is out of its range (None when it is fine)."""
+    import math
+    if isinstance(v, bool):
+        return None if name == "zero_readout" else "must be a number, not true/false"
+    if name == "zero_readout":
+        return "must be true or false"
+    x = float(v)
+    if not math.isfinite(x):
+        return "must be a finite number"
+    if name in ("beta1", "beta2", "momentum"):
+        return None if 0 <= x < 1 else "must be in [0, 1)"
+    if name == "weight_decay":
+        return None if x >= 0 else "must be >= 0"
+    if not x > 0:
+        return "must be > 0"
+    if x > 1e6:
+        return "is implausibly large (> 1e6)"
+    return None
 
 
 def apply_hparams_file(base: HParams, d: dict, recipe_optimizer: str, where: str) -> HParams:

@@ -49,6 +49,8 @@ def build_model(factory: Callable, width: int, args: dict[str, Any], device: str
             model = factory(width=width, **args)
     except Exception as e:  # noqa: BLE001
         raise UserError("model", f"factory failed at width {width}: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise UserError("model.factory", f"the factory called sys.exit({e.code!r}) at width {width}") from None
     return model
 
 

@@ -98,9 +98,12 @@ class ModelSpec(FactorySpec):
         return v
 
 
+MAX_WIDTH = 2**24     # 16M: far beyond any model; catches 1e40 before torch does
+
+
 class Widths(_Strict):
-    proxy: int = Field(gt=0)
-    target: int = Field(gt=0)
+    proxy: int = Field(gt=0, le=MAX_WIDTH)
+    target: int = Field(gt=0, le=MAX_WIDTH)
 
     @model_validator(mode="after")
     def _order(self) -> "Widths":
@@ -257,7 +260,8 @@ class Sweep(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # a folder name under runs/: no path separators, not "." or ".." or hidden
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
     model: ModelSpec
     data: FactorySpec
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
@@ -286,13 +290,19 @@ def _format_loc(loc: tuple) -> str:
 
 
 def _first_error(e: ValidationError) -> tuple[str, str]:
-    err = e.errors()[0]
+    errs = e.errors()
+    # a misspelled key (`träin:`) also makes the real one "missing": name the unknown key first
+    err = next((x for x in errs if x["type"] == "extra_forbidden"), errs[0])
     loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required field is missing"
+    else:
+        given = err.get("input")
+        if not isinstance(given, (dict, list)) and "got" not in msg:
+            msg = f"{msg.removeprefix('Value error, ')} (got {given!r})"
     msg = msg.removeprefix("Value error, ")
     return _format_loc(loc), msg
 
@@ -308,6 +318,50 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return r
 
 
+MAX_ALIASES = 100          # a few anchors are convenient; a "billion laughs" bomb is not a recipe
+MAX_DEPTH = 100
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys in one mapping, more than MAX_ALIASES alias uses (the
+    memory bomb) and nesting deeper than MAX_DEPTH (Python's recursion limit)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_ALIASES} aliases (*name)", mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path, what: str) -> Any:
     """A YAML file's content; UserError naming the file (and line) if it is missing or unreadable.
     `what` names the file's kind in the message ("recipe", "hparams")."""
@@ -315,13 +369,15 @@ def load_yaml(path: str | Path, what: str) -> Any:
     if not p.is_file():
         raise UserError(str(p), f"{what} file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        return yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
         raise UserError(where, f"unreadable YAML ({getattr(e, 'problem', None) or e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(str(p), f"cannot read file ({e})") from None
+    except RecursionError:
+        raise UserError(str(p), f"unreadable YAML (nested too deeply)") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -342,13 +398,21 @@ def resolve_factory(spec: str, field: str, builtins: dict[str, Callable]) -> Cal
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise UserError(field, f"{spec!r} is not 'package.module:function'")
+    # the working directory is on sys.path only while the named module is imported: afterwards a
+    # ./matplotlib.py (or any other file there) cannot shadow what mutransfer imports later
     cwd = str(Path.cwd())
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:
         sys.path.insert(0, cwd)
     try:
         mod = importlib.import_module(mod_name)
+    except SystemExit as e:
+        raise UserError(field, f"importing module {mod_name!r} called sys.exit({e.code!r})") from None
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module
         raise UserError(field, f"cannot import module {mod_name!r} ({type(e).__name__}: {e})") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     obj = mod
     for part in fn_name.split("."):
         if not hasattr(obj, part):

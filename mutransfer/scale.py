@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ import torch
 import yaml
 from rich.console import Console
 
-from .atomic import write_text
+from .atomic import clean_stale_temporaries, write_text
 from . import checkpoint as C
 from . import distributed as D
 from . import experiment
 from .errors import UserError
 from .explain import estimate_cost, write_json
+from .outputs_guard import check_out_dir, marker
 from .hparams import HParams
 from .hparams_file import apply_hparams_file, default_path, read_hparams_file
 from .metrics import LiveProgress, MetricsFile, peak_flops
@@ -166,8 +168,12 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
     if o.fsdp and not d.enabled:
         raise UserError("--fsdp", "FSDP needs several processes: launch with torchrun --nproc-per-node N")
-    out = Path(o.out) if o.out else Path(o.runs_dir) / recipe.name / f"scale-{width}"
+    out = check_out_dir(Path(o.out) if o.out else Path(o.runs_dir) / recipe.name / f"scale-{width}", "--out")
     ck_dir = out / "checkpoints"
+    for name in SCALE_FILES:      # never overwrite what another command (tune) or the user put there
+        f = out / name
+        if f.exists() and not _is_ours(f):
+            raise UserError("--out", f"{out} holds {name}, which no scale run wrote; choose another --out")
     fp = fingerprint(recipe, width, src, d.world, per_rank)
 
     # --- everything that can fail on bad input, before anything is written
@@ -176,6 +182,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     experiment.check_output(recipe, experiment.first_batch(
         C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))))
     val = experiment.val_batches(recipe, t.eval_batches, seed=t.seed)
+    experiment.check_batches_agree(experiment.first_batch(
+        C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))), val[0])
+    experiment.check_output(recipe, val[0], where="data (validation)")
     ckpt, start = None, 0
     newest = C.latest(ck_dir)
     if o.resume and newest is not None:
@@ -192,6 +201,16 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
             raise UserError("--steps", f"{steps} is below the checkpoint's step {start}")
     elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()):
         raise UserError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if o.resume and ckpt is not None and start >= steps and (out / "summary.json").exists():
+        prior = _read_summary(out / "summary.json")
+        if prior.get("status") == "finished":
+            out_console.print(f"{out}: already finished ({start} of {steps} steps); nothing to do", highlight=False)
+            return ScaleResult(0, prior)
+    lock = RunLock(out) if d.main else None
+    if lock is not None:
+        lock.acquire()      # a second scale on the same folder: one line, exit 2
+        clean_stale_temporaries(out)
+        clean_stale_temporaries(ck_dir)
 
     def say(msg: str) -> None:
         out_console.print(msg, highlight=False, soft_wrap=True)
@@ -222,11 +241,12 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         write_text(out / "hparams.yaml", yaml.safe_dump(
-            {"source": src.source, "proxy_width": src.base_width, "width": width, "optimizer": t.optimizer,
+            {"written_by": marker("scale run"), "source": src.source, "proxy_width": src.base_width, "width": width, "optimizer": t.optimizer,
              "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
         write_json(plan, cost, out / "plan.json")
         v = versions()
-        v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device})
+        v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device,
+                  "written_by": marker("scale run")})
         write_text(out / "versions.json", json.dumps(v, indent=1))
     D.barrier(d)
 
@@ -254,7 +274,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         "samples_per_s": typical.get("samples_per_s", state.samples_per_s),
         "tokens_per_s": typical.get("tokens_per_s"), "mfu": typical.get("mfu"),
         "hparams": src.source, "out": str(out), "metrics": str(out / "metrics.jsonl"),
-        "checkpoints": str(ck_dir), "world_size": d.world,
+        "checkpoints": str(ck_dir), "world_size": d.world, "written_by": marker("scale run"),
     }
     code = 0
     if state.diverged:
@@ -274,9 +294,70 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
     if d.main:
-        write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+        write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, default=str, allow_nan=False))
         _print_summary(summary, say)
+        if lock is not None:
+            lock.release()
     return ScaleResult(code, summary)
+
+
+SCALE_FILES = ("recipe.yaml", "hparams.yaml", "plan.json", "versions.json", "summary.json")
+
+
+def _is_ours(f: Path) -> bool:
+    """A file a scale run wrote (its marker), or an earlier run's recipe.yaml / metrics beside one."""
+    if f.name == "recipe.yaml":
+        return (f.parent / "summary.json").exists() or (f.parent / "versions.json").exists() \
+            or (f.parent / "plan.json").exists()
+    try:
+        head = f.read_bytes()[:1 << 16]
+    except OSError:
+        return False
+    return marker("scale run").encode() in head or (f.name == "plan.json" and marker("plan").encode() in head)
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _finite(x):
+    """NaN / inf become null: summary.json stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on OUT/.lock), held for the whole run."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fd = folder, None
+
+    def acquire(self) -> None:
+        import fcntl
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError("--out", f"another scale run is using {self.folder}; wait for it or choose another --out") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def _print_summary(s: dict, say) -> None:

@@ -66,8 +66,14 @@ def build_meta(factory: Callable, width: int, args: dict[str, Any], where: str =
         raise UserError(f"{where}.args", f"factory call failed at width {width}: {e}") from None
     except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
         raise UserError(f"{where}", f"factory failed at width {width}: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise UserError(f"{where}.factory", f"the factory called sys.exit({e.code!r}) at width {width}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{where}.factory", f"factory returned {type(model).__name__}, not a torch.nn.Module")
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise UserError(f"{where}.factory", f"lazy parameters ({', '.join(lazy[:3])}; e.g. nn.LazyLinear) have no "
+                        "shape until the first forward pass: give the layers their sizes")
     return model
 
 

@@ -44,6 +44,71 @@ def journal_path(url: str) -> Path:
     return Path(rest)
 
 
+def storage_file(url: str) -> Optional[Path]:
+    """The file behind a local storage URL (sqlite or journal), else None."""
+    if is_journal(url):
+        return journal_path(url)
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def repair_journal(path: Path) -> int:
+    """A journal whose last write was torn (disk full, a killed process) ends in a partial line;
+    Optuna then fails on every later read. Cut the file back to its last complete JSON line before
+    anyone appends. Returns the number of bytes removed."""
+    import json
+    import os
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    good = len(data)
+    if not data.endswith(b"\n"):
+        good = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            json.loads(data[last_start:])
+        except ValueError:
+            good = last_start
+    if good == len(data):
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(good)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - good
+
+
+def check_journal_file(path: Path) -> None:
+    """A journal must be empty or JSON lines: refuse a YAML file, an SQLite database, a recipe."""
+    import json
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise UserError("--storage", f"{str(path)!r} is a directory, not a journal file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise UserError("--storage", f"cannot read journal file {str(path)!r}: {e}") from None
+    if not head:
+        return
+    first = head.split(b"\n", 1)[0]
+    try:
+        ok = isinstance(json.loads(first), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError("--storage", f"{str(path)!r} is not an Optuna journal (its first line is not a JSON "
+                        "object); refusing to append to it")
+
+
 def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[int] = None):
     """The Optuna storage behind `url`; UserError('--storage', ...) when it cannot be opened."""
     grace = grace_period or 3 * heartbeat_interval
@@ -51,8 +116,10 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
         path = journal_path(url)
         if not path.name:
             raise UserError("--storage", f"{url!r}: a journal storage needs a file path (journal:PATH)")
+        check_journal_file(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            repair_journal(path)
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
             backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))

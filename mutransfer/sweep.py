@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .atomic import write_json
+from .outputs_guard import check_output as guard, marker
+from .signals import available_cpus
 from .errors import UserError
 from .hparams import MULTIPLIER_NAMES
 from .recipe import Recipe, recipe_to_dict
@@ -393,8 +395,10 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
 
     if workers < 1:
         raise UserError("--workers", "must be >= 1")
-    _check_out_path(json_path, "--json", ".json")
-    _check_out_path(plot_path, "--plot", ".png")
+    if workers > available_cpus() and device == "cpu":
+        raise UserError("--workers", f"{workers} workers but only {available_cpus()} CPUs are available to this process")
+    guard(json_path, "--json", "sweep results", [recipe.path], ".json")
+    guard(plot_path, "--plot", "sweep plot", [recipe.path], ".png")
     from .experiment import check_recipe, shapes_for
 
     check_recipe(recipe)
@@ -430,7 +434,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
         console.print(wider_line(summary, cfg, par), highlight=False)
 
     if json_path:
-        write_json_atomic(Path(json_path), summary)
+        write_json_atomic(Path(json_path), {"written_by": marker("sweep results"), **summary})
         console.print(f"wrote {json_path}", highlight=False)
     if plot_path:
         from .sweep_plot import plot_sweep

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from .atomic import write_via
+from .outputs_guard import marker
 
 LABEL = {"mup": "μP", "sp": "SP"}
 
@@ -60,6 +61,6 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
         fig.suptitle(title + "   (dotted: fitted optimum; x: diverged)", fontsize=10)
     fig.tight_layout()
     try:
-        return write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        return write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": marker("sweep plot")}))
     finally:
         plt.close(fig)

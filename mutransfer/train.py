@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .outputs import select
 
 LOSSES = ("cross_entropy", "mse")
@@ -102,6 +103,21 @@ def _call(callbacks, hook: str, state: State) -> None:
             fn(state)
 
 
+def _next_batch(data: Iterator, step: int):
+    """The next training batch; a finite or failing iterator is the user's data, named as such."""
+    try:
+        b = next(data)
+    except StopIteration:
+        raise UserError("data", f"the training iterator ended after step {step} (it must be infinite)") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's iterator may raise anything
+        raise UserError("data", f"the training iterator failed at step {step + 1}: {type(e).__name__}: {e}") from None
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(torch.is_tensor(t) for t in b)):
+        raise UserError("data", f"batch {step + 1} is not a pair of tensors (inputs, targets)")
+    return b
+
+
 def _to(batch, device):
     x, y = batch
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -177,7 +193,7 @@ def train(
         state.lr = f
         acc = None
         for i in range(config.grad_accum):
-            x, y = _to(next(data), dev)
+            x, y = _to(_next_batch(data, state.step), dev)
             last = i == config.grad_accum - 1
             with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

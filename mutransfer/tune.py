@@ -34,10 +34,12 @@ from rich.table import Table
 
 from . import experiment
 from .errors import UserError
+from .outputs_guard import check_output
 from .hparams import HParams
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
-from .study import JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage
+from .signals import available_cpus, worker_signals
+from .study import JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file
 from .train import State, evaluate, train
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
@@ -103,14 +105,17 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         raise UserError("--width", "must be > 0")
     if workers <= 0:
         raise UserError("--workers", "must be > 0")
+    cpus_avail = available_cpus()
+    if workers > cpus_avail:
+        raise UserError("--workers", f"{workers} workers but only {cpus_avail} CPUs are available to this process")
     if study_name is not None and not study_name.strip():
         raise UserError("--study-name", "must not be empty")
-    if out is not None and Path(out).is_dir():
-        raise UserError("--out", f"{str(out)!r} is a directory; give the hparams file's path")
-    if plot is not None and Path(plot).suffix.lower() != ".png":
-        raise UserError("--plot", f"{str(plot)!r} must end in .png")
+    st = storage or default_storage(recipe.name)
+    protect = [Path(recipe_path), storage_file(st)]
+    check_output(out or default_path(recipe.name), "--out", "hparams", protect)
+    check_output(plot, "--plot", "tune plot", protect, suffix=".png")
     _check_params(recipe)
-    cpus = os.cpu_count() or 1
+    cpus = cpus_avail
     return TuneOptions(
         recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
         storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
@@ -287,6 +292,7 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
 
 def _worker_entry(opts_d: dict, worker: int) -> None:
     """A spawned local worker: quiet, one line on a user error, no traceback on Ctrl-C."""
+    worker_signals()          # SIGTERM stops it like Ctrl-C; it dies with its parent
     opts = TuneOptions(**opts_d)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -329,7 +335,7 @@ def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Stu
             p.join(timeout=max(0.0, deadline - time.time()))
         for p in procs:
             if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+                os.kill(p.pid, signal.SIGTERM)   # SIGINT may be inherited as ignored (a background job)
         for p in procs:
             p.join(timeout=60)
             if p.is_alive():

@@ -12,6 +12,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from .outputs_guard import marker
+
 
 def importances(study: optuna.Study) -> tuple[dict[str, float], str]:
     """{param: importance} over complete trials, and the evaluator's name ('' when none could run)."""
@@ -80,6 +82,6 @@ def plot_study(study: optuna.Study, path: str | Path) -> Path:
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
+    fig.savefig(p, dpi=110, metadata={"Software": marker("tune plot")})
     plt.close(fig)
     return p

@@ -140,7 +140,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(recipe, reference):
         [sys.executable, "-m", "mutransfer.cli", "scale", str(recipe), "--device", "cpu", "--out", str(out),
          "--checkpoint-every", "10", "--hparams", str(recipe.parent / "hp.yaml")],
         cwd=recipe.parent, env=dict(_env(), MUTRANSFER_TEST_SLOW_AFTER="12"), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "checkpoints" / "step-00000010.pt"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:

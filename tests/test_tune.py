@@ -50,8 +50,10 @@ def cli(*args):
 
 def spawn(cwd: Path, *args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the child gets SIGINT at its default even when this suite was started with it ignored (`pytest &`)
     return subprocess.Popen([sys.executable, "-m", "mutransfer.cli", "tune", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_quickstart_small_tune_writes_hparams_and_plot_and_resumes(tmp_path, monkeypatch):
