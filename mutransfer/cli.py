@@ -166,8 +166,42 @@ def sweep(
         raise typer.Exit(code)
 
 
-def main():
-    app()
+def _is(e: BaseException, name: str) -> bool:
+    """Whether `e` is click's exception `name` (typer vendors click, so match by class name)."""
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The console script: usage errors (a bad flag value, an unknown option) are one line naming the
+    flag and the value, exit 2, instead of click's boxed help."""
+    import sys
+
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except Exception as e:  # noqa: BLE001 - click's exceptions, matched by name
+        if _is(e, "NoArgsIsHelpError"):
+            print(e.format_message() if hasattr(e, "format_message") else str(e))
+            raise SystemExit(0) from None
+        if _is(e, "UsageError"):
+            param = getattr(e, "param", None)
+            opts = getattr(param, "opts", None) if param is not None else None
+            where = "/".join(opts) if opts else (getattr(param, "name", None) or "usage")
+            msg = " ".join(e.format_message().split())
+            args = list(sys.argv[1:] if argv is None else argv)
+            for o in opts or []:
+                given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == o] + \
+                        [a.split("=", 1)[1] for a in args if a.startswith(o + "=")]
+                if given and repr(given[-1]) not in msg:
+                    msg += f" (got {given[-1]!r})"
+            print(f"error: {where}: {msg} (see --help)", file=sys.stderr)
+            raise SystemExit(2) from None
+        if _is(e, "Abort"):
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        if _is(e, "Exit"):
+            raise SystemExit(getattr(e, "exit_code", 0)) from None
+        raise
+    raise SystemExit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

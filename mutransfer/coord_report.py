@@ -266,15 +266,16 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
                         console: Optional[Console] = None) -> int:
     """`mutransfer coord-check`: settings, measurement with a progress bar, table, files. Returns the
     exit code: 0 nothing flagged, 1 blowup. Bad input raises UserError before any training."""
-    from .experiment import check_recipe, resolve_device, shapes_for
+    from .experiment import check_fits, check_recipe, resolve_device, shapes_for
 
     ws = coord.parse_widths(widths) if widths is not None else None
     s = coord.resolve(recipe, ws, steps, seeds, lr, optimizer, parametrization, resolve_device(device))
     guard(json_path, "--json", "coord-check results", [recipe.path], ".json")
     guard(plot_path, "--plot", "coord-check plot", [recipe.path], ".png")
     check_recipe(recipe)
-    for w in s.widths:                # every width builds (on the meta device) before anything trains
+    for w in s.widths:                # every width builds (on the meta device) and fits before anything trains
         shapes_for(recipe, w)
+        check_fits(recipe, w, "--widths", s.device)
     with progress(s) as on_run:   # finished runs are kept in runs/<name>/coord-check/: a rerun resumes
         res = coord.run(recipe, s, on_run, cache_dir=Path("runs") / recipe.name / "coord-check")
     render(res, console)

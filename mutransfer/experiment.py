@@ -3,6 +3,8 @@ the TrainConfig. Every command goes through here and then through train.train().
 from __future__ import annotations
 
 import json
+import math
+import os
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -128,6 +130,25 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
         recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
         shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
     )
+
+
+def check_fits(recipe: Recipe, width: int, where: str, device: str = "cpu") -> None:
+    """The model at `width` must fit: fp32 weights, gradients and optimizer state against the
+    machine's memory (CPU) or the GPU's. Found on the meta device, before anything is trained."""
+    numel = sum(math.prod(p.shape) for p in shapes_for(recipe, width).params.values())
+    state = {"sgd": 1 if recipe.train.momentum else 0}.get(recipe.train.optimizer, 2)
+    need = numel * 4 * (2 + state)
+    have = None
+    try:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            have = torch.cuda.mem_get_info()[1]
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return
+    if have and need > have:
+        raise UserError(where, f"width {width}: {numel:,} parameters need {need / 2**30:.3g} GiB for weights, "
+                        f"gradients and optimizer state; this machine has {have / 2**30:.3g} GiB")
 
 
 def resolve_device(device: str) -> str:

@@ -178,6 +178,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
 
     # --- everything that can fail on bad input, before anything is written
     experiment.shapes_for(recipe, width)
+    experiment.check_fits(recipe, width, "--width", d.device)
     data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
     experiment.check_output(recipe, experiment.first_batch(
         C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))))

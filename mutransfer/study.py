@@ -11,6 +11,7 @@ Storages:
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -51,6 +52,36 @@ def storage_file(url: str) -> Optional[Path]:
     if url.startswith("sqlite:///"):
         return Path(url[len("sqlite:///"):])
     return None
+
+
+@contextlib.contextmanager
+def storage_lock(url: str, timeout: float = 120.0):
+    """An exclusive lock while a study is created or checked in a local file storage, so that two
+    tunes started at the same moment on a new SQLite file do not both create its tables."""
+    path = storage_file(url)
+    if path is None:
+        yield
+        return
+    import fcntl
+    import os
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    raise UserError("--storage", f"{path} is locked by another process for over {timeout:.0f} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def repair_journal(path: Path) -> int:

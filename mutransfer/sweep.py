@@ -46,7 +46,8 @@ class Point:
     seed: int
 
     def filename(self, param: str) -> str:
-        return f"{self.parametrization}-w{self.width}-{param}{self.value:.6g}-s{self.seed}.json"
+        # the value's full precision (repr is exact): LRs closer than 6 digits must not share a file
+        return f"{self.parametrization}-w{self.width}-{param}{float(self.value)!r}-s{self.seed}.json"
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,9 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
     todo: list[Point] = []
     for p in cfg.points():
         rec = load_cached(cache_dir / p.filename(cfg.param), fp)
+        if rec is not None and (rec.get("value") != p.value or rec.get("width") != p.width
+                                or rec.get("seed") != p.seed):
+            rec = None          # the cache must hold this very point, not a neighbour's
         if rec is not None:
             results[p] = rec
         else:
@@ -399,11 +403,12 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
         raise UserError("--workers", f"{workers} workers but only {available_cpus()} CPUs are available to this process")
     guard(json_path, "--json", "sweep results", [recipe.path], ".json")
     guard(plot_path, "--plot", "sweep plot", [recipe.path], ".png")
-    from .experiment import check_recipe, shapes_for
+    from .experiment import check_fits, check_recipe, shapes_for
 
     check_recipe(recipe)
     for w in cfg.widths:  # bad widths are input errors, found before any training
         shapes_for(recipe, w)
+        check_fits(recipe, w, "--widths", device)
     console = console or Console()
     cache = Path(runs_dir) / recipe.name / "sweep"
     results = run_grid(recipe, cfg, cache, workers, device, progress)

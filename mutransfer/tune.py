@@ -39,7 +39,8 @@ from .hparams import HParams
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
-from .study import JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file
+from .study import (JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file,
+                    storage_lock)
 from .train import State, evaluate, train
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
@@ -165,20 +166,21 @@ STUDY_ATTRS = ("width", "steps", "optimizer", "seeds")
 
 def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Study:
     """Create or load the study; refuse to mix trials from another width, step count, optimizer or seeds."""
-    storage = open_storage(opts.storage, recipe.search.heartbeat)
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are summarised by tune itself
-    try:
-        study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
-                                    load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
-    except ValueError as e:   # e.g. an existing multi-objective study of that name
-        raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
     want = {"width": opts.width, "steps": recipe.train.steps, "optimizer": recipe.train.optimizer,
             "seeds": recipe.search.seeds}
-    have = study.user_attrs
-    if not have:
-        for k, v in want.items():
-            study.set_user_attr(k, v)
-    else:
+    with storage_lock(opts.storage):    # two tunes on a new SQLite file: one creates, the other loads
+        storage = open_storage(opts.storage, recipe.search.heartbeat)
+        try:
+            study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
+                                        load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
+        except ValueError as e:   # e.g. an existing multi-objective study of that name
+            raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
+        have = study.user_attrs
+        if not have:
+            for k, v in want.items():
+                study.set_user_attr(k, v)
+    if have:
         for k in STUDY_ATTRS:
             if k in have and have[k] != want[k]:
                 flag = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer",
@@ -403,6 +405,7 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
     """Run (or resume) the search until opts.trials finished trials exist; write the outputs. Exit code."""
     console = console or Console()
     experiment.check_recipe(recipe)
+    experiment.check_fits(recipe, opts.width, "--width")     # before a study is tied to this width
     study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
     done = count_finished(study)
     if done:
