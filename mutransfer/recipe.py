@@ -318,33 +318,38 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return r
 
 
-MAX_ALIASES = 100          # a few anchors are convenient; a "billion laughs" bomb is not a recipe
+MAX_NODES = 100_000        # nodes after expanding aliases: anchors are convenient, a "billion laughs" bomb is not
 MAX_DEPTH = 100
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in one mapping, more than MAX_ALIASES alias uses (the
-    memory bomb) and nesting deeper than MAX_DEPTH (Python's recursion limit)."""
+    """SafeLoader that refuses duplicate keys in one mapping, documents that expand (through aliases)
+    to more than MAX_NODES nodes (the memory bomb), and nesting deeper than MAX_DEPTH."""
 
     def __init__(self, stream):
         super().__init__(stream)
-        self._aliases = 0
+        self._sizes: dict[int, int] = {}    # id(node) -> nodes it expands to
         self._depth = 0
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_ALIASES:
-                mark = self.peek_event().start_mark
-                raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_ALIASES} aliases (*name)", mark)
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
                 raise yaml.constructor.ConstructorError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
+        if not alias:
+            kids = node.value if isinstance(node, yaml.SequenceNode) else (
+                [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else [])
+            size = 1 + sum(self._sizes.get(id(k), 1) for k in kids)
+            self._sizes[id(node)] = size
+            if size > MAX_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"expands to more than {MAX_NODES:,} nodes through its aliases (*name)", mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = {}

@@ -137,6 +137,15 @@ def versions() -> dict:
 
 
 def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult:
+    """Train the target (see _run_scale); the run folder's lock is released however it ends."""
+    try:
+        return _run_scale(o, console)
+    finally:
+        for lk in list(RunLock.held):
+            lk.release()
+
+
+def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
     console = console or Console()
     recipe = load_recipe(o.recipe)
     width = o.width if o.width is not None else recipe.widths.target
@@ -200,7 +209,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         start = int(ckpt["step"])
         if start > steps:
             raise UserError("--steps", f"{steps} is below the checkpoint's step {start}")
-    elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()):
+    elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()) and not (
+            newest is None and _read_summary(out / "summary.json").get("status") == "failed"):
         raise UserError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if o.resume and ckpt is not None and start >= steps and (out / "summary.json").exists():
         prior = _read_summary(out / "summary.json")
@@ -265,7 +275,16 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
         f"{steps} steps, global batch {t.batch_size * t.grad_accum}, device {d.device}"
         + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""))
-    state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward, no_sync=no_sync)
+    try:
+        state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward,
+                      no_sync=no_sync)
+    except UserError as e:     # bad data found mid-run: record it, so a rerun is not blocked by this folder
+        if d.main:
+            write_text(out / "summary.json", json.dumps({"status": "failed", "reason": f"{e.where}: {e.message}",
+                                                         "written_by": marker("scale run")}, indent=1))
+            if lock is not None:
+                lock.release()
+        raise
 
     # --- the outcome
     typical = metrics.typical() if metrics is not None else {}
@@ -338,6 +357,7 @@ def _finite(x):
 
 class RunLock:
     """An exclusive lock on a run folder (flock on OUT/.lock), held for the whole run."""
+    held: list = []
 
     def __init__(self, folder: Path):
         self.folder, self.fd = folder, None
@@ -348,6 +368,7 @@ class RunLock:
         self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RunLock.held.append(self)
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
@@ -359,6 +380,8 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+        if self in RunLock.held:
+            RunLock.held.remove(self)
 
 
 def _print_summary(s: dict, say) -> None:

@@ -65,7 +65,8 @@ def storage_lock(url: str, timeout: float = 120.0):
     import fcntl
     import os
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    # not PATH.lock: Optuna's JournalFileOpenLock uses that name and waits while it exists
+    fd = os.open(str(path) + ".create-lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         deadline = time.time() + timeout
         while True:
@@ -82,6 +83,19 @@ def storage_lock(url: str, timeout: float = 120.0):
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def release_connections(study) -> None:
+    """Roll back and close this process's connections to an RDB storage (no-op for journals)."""
+    st = getattr(study, "_storage", None)
+    st = getattr(st, "_backend", st)        # optuna wraps RDB storages in a cache
+    engine = getattr(st, "engine", None)
+    if engine is not None:
+        try:
+            st.scoped_session.remove()
+        except Exception:  # noqa: BLE001
+            pass
+        engine.dispose()
 
 
 def repair_journal(path: Path) -> int:

@@ -40,7 +40,7 @@ from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
 from .study import (JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file,
-                    storage_lock)
+                    storage_lock, check_journal_file, journal_path, release_connections)
 from .train import State, evaluate, train
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
@@ -112,6 +112,8 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
     if study_name is not None and not study_name.strip():
         raise UserError("--study-name", "must not be empty")
     st = storage or default_storage(recipe.name)
+    if st.startswith("journal:"):
+        check_journal_file(journal_path(st))     # before any lock or file is created next to it
     protect = [Path(recipe_path), storage_file(st)]
     check_output(out or default_path(recipe.name), "--out", "hparams", protect)
     check_output(plot, "--plot", "tune plot", protect, suffix=".png")
@@ -330,6 +332,9 @@ def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Stu
                 p.join(timeout=1.0 / len(procs))
             bar.update(task, completed=min(opts.trials, count_finished(study)), best=_best_text(study))
     except KeyboardInterrupt:
+        # the interrupt may have landed inside one of our storage reads: drop this process's database
+        # connections so that no lock we hold keeps the workers from recording their last trial
+        release_connections(study)
         # a terminal's Ctrl-C reached the workers too: give them a moment before signalling them
         # ourselves (a `kill -INT` to this process alone did not), so none gets a second interrupt
         deadline = time.time() + 3
