@@ -6,10 +6,11 @@ from .plan import ParamPlan, Plan, make_plan
 from .shapes import Shapes, infer_shapes
 from . import spectral
 from .coord_api import coord_check
+from .load import export, load
 
 __version__ = "0.1.0"
 __all__ = [
     "UserError", "HParams", "TUNABLE_NAMES", "Parametrized", "parametrize", "init_model", "make_optimizer",
     "param_groups", "attach_readout_multipliers", "ParamPlan", "Plan", "make_plan", "Shapes",
-    "infer_shapes", "spectral", "coord_check",
+    "infer_shapes", "spectral", "coord_check", "load", "export",
 ]

@@ -27,6 +27,23 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("mutransfer")
+        except PackageNotFoundError:
+            from . import __version__ as v
+        print(f"mutransfer {v}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")):
+    """muTransfer by the spectral rule: tune on a narrow proxy, transfer zero-shot to a wide target."""
+
+
 def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
@@ -101,10 +118,13 @@ def scale(
         raise UserError("--width", "must be > 0")
     if dry_run:
         from .outputs_guard import check_output
+        from .scale import resolve_hparams
         check_output(json_path, "--json", "plan", [recipe], ".json")
+        src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
+        Console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan, shapes, cost = explain(r, w)
+            plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width)
         render(plan, cost, shapes.unknown)
         if json_path:
             write_json(plan, cost, json_path)
@@ -164,6 +184,22 @@ def sweep(
                          workers, device, json_path, plot)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    run: Path = typer.Argument(..., help="a scale run folder (runs/<name>/scale-<width>)"),
+    out: Path = typer.Argument(..., help="folder to write model.pt and config.json into"),
+    checkpoint: Optional[str] = typer.Option(None, help="checkpoint file (default: the newest)"),
+):
+    """Write the trained target as a plain state_dict + config.json, usable without mutransfer."""
+    from .load import export
+
+    folder, notes = export(run, out, checkpoint)
+    for n in notes:
+        print(f"note: {n}")
+    print(f"wrote {folder / 'model.pt'} and {folder / 'config.json'}")
 
 
 def _is(e: BaseException, name: str) -> bool:

@@ -58,9 +58,11 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
     return Cost(n, flops, mem)
 
 
-def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup"):
+def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup",
+            base_width: Optional[int] = None):
+    """The plan `scale` would use at `width`, relative to base_width (default widths.proxy)."""
     hp = hparams or HParams.from_train(recipe.train)
-    shapes = shapes_for(recipe, width)
+    shapes = shapes_for(recipe, width, base_width)
     plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init)
     plan.notes.extend(replaced_init_notes(recipe, plan))
     return plan, shapes, estimate_cost(recipe, plan, width)

@@ -112,6 +112,13 @@ class MetricsFile:
             self.f = None
 
 
+def _hms(s: float) -> str:
+    if s != s:
+        return "-:--:--"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class LiveProgress:
     """Callback: a rich progress bar with the latest loss, val loss, throughput and MFU."""
 
@@ -121,6 +128,10 @@ class LiveProgress:
         self.val: Optional[float] = None
 
     def on_start(self, state) -> None:
+        self.plain = not self.console.is_terminal    # piped or logged: a plain line per log interval
+        self.t0, self.s0 = time.perf_counter(), state.step
+        if self.plain:
+            return
         self.progress = Progress(
             TextColumn("[bold]scale"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
@@ -141,6 +152,15 @@ class LiveProgress:
         m = (self.metrics.last or {}).get("mfu") if self.metrics else None
         if m is not None:
             info += f" MFU {100 * m:.1f}%"
+        if self.plain:
+            every = state.config.log_every
+            if state.step % every == 0 or state.step == self.total or state.val_loss is not None:
+                done = state.step - self.s0
+                el = time.perf_counter() - self.t0
+                eta = el / done * (self.total - state.step) if done else float("nan")
+                self.console.print(f"step {state.step}/{self.total} {info} elapsed {_hms(el)} eta {_hms(eta)}",
+                                   highlight=False, soft_wrap=True)
+            return
         self.progress.update(self.task, completed=state.step, info=info)
 
     def on_end(self, state) -> None:

@@ -1,0 +1,107 @@
+"""What a run leaves for the user's stack: load() and export of the trained target (tied and untied),
+a dry run that shows the plan the run will use, plain progress lines when piped, --version, and the
+README's Python snippets."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import mutransfer
+from mutransfer import experiment
+from mutransfer.cli import app
+from mutransfer.models import gpt
+from mutransfer.recipe import load_recipe
+from mutransfer.train import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(tmp: Path, tied: bool) -> Path:
+    r = {"name": f"eco-{'tied' if tied else 'untied'}",
+         "model": {"factory": "builtin:gpt", "args": {"layers": 1, "heads": 2, "vocab": 256, "seq_len": 16, "tied": tied}},
+         "data": {"factory": "builtin:pysource", "args": {"seq_len": 16}},
+         "widths": {"proxy": 16, "target": 32},
+         "train": {"optimizer": "adamw", "lr": 1e-2, "steps": 12, "batch_size": 4, "eval_batches": 2, "log_every": 4},
+         "search": {"trials": 2, "sampler_seed": 0, "params": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}}}
+    p = tmp / f"{r['name']}.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def cli(tmp: Path, *args):
+    old = os.getcwd()
+    os.chdir(tmp)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_and_export_reproduce_the_runs_validation_loss(tmp_path, tied):
+    r = write_recipe(tmp_path, tied)
+    assert cli(tmp_path, "scale", r).exit_code == 0
+    run = tmp_path / "runs" / r.stem / "scale-32"
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = load_recipe(r)
+    val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
+    model = mutransfer.load(run)
+    assert not model.training
+    assert evaluate(model, val, "cross_entropy", "cpu", False) == pytest.approx(summary["val_loss"], rel=1e-6)
+    res = cli(tmp_path, "export", run, "exported")
+    assert res.exit_code == 0, res.output
+    assert ("exported untied" in res.output) == tied
+    cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
+    plain = gpt(width=cfg["width"], **cfg["args"])          # no mutransfer involved from here
+    plain.load_state_dict(torch.load(tmp_path / "exported" / "model.pt"))
+    plain.eval()
+    assert evaluate(plain, val, "cross_entropy", "cpu", False) == pytest.approx(summary["val_loss"], rel=1e-5)
+
+
+def test_load_names_what_is_wrong(tmp_path):
+    with pytest.raises(mutransfer.UserError, match="not a scale run folder"):
+        mutransfer.load(tmp_path)
+
+
+def test_dry_run_shows_the_plan_the_run_uses(tmp_path):
+    r = write_recipe(tmp_path, False)
+    assert cli(tmp_path, "tune", r).exit_code == 0
+    res = cli(tmp_path, "scale", r, "--dry-run", "--json", "dry.json")
+    assert res.exit_code == 0 and "tuned values from runs/eco-untied/hparams.yaml" in res.output
+    assert cli(tmp_path, "scale", r).exit_code == 0
+    dry = json.loads((tmp_path / "dry.json").read_text())
+    ran = json.loads((tmp_path / "runs" / "eco-untied" / "scale-32" / "plan.json").read_text())
+    assert [(p["name"], p["lr"], p["init_std"]) for p in dry["params"]] == \
+           [(p["name"], p["lr"], p["init_std"]) for p in ran["params"]]
+
+
+def test_piped_scale_prints_a_line_per_log_interval(tmp_path):
+    r = write_recipe(tmp_path, False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "mutransfer.cli", "scale", str(r)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["4/12", "8/12", "12/12"], out.stdout
+    assert all("loss" in ln and "eta" in ln for ln in lines)
+
+
+def test_version():
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and re.fullmatch(r"mutransfer \d+\.\d+\.\d+\S*", res.output.strip())
+
+
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for b in blocks:
+        exec(compile(b, "README.md", "exec"), {})
