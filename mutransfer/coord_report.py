@@ -279,8 +279,11 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
     with progress(s) as on_run:   # finished runs are kept in runs/<name>/coord-check/: a rerun resumes
         res = coord.run(recipe, s, on_run, cache_dir=Path("runs") / recipe.name / "coord-check")
     render(res, console)
+    say = (console or Console()).print
     if json_path:
         write_json(res, json_path)
+        say(f"wrote {json_path}", highlight=False, soft_wrap=True)
     if plot_path:
         plot(res, plot_path)
+        say(f"wrote {plot_path}", highlight=False, soft_wrap=True)
     return 1 if res.verdict == "blowup" else 0

@@ -137,8 +137,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
     footnotes: dict[str, int] = {}
     for p in plan.params.values():
-        std = (_fmt(p.init_std) if p.init_std is not None
-               else (f"fac×{p.init_factor:.3g}" if p.init == "factory" else "keep"))
+        std = ({"ones": "=1", "zeros": "=0"}.get(p.init) or (_fmt(p.init_std) if p.init_std is not None
+               else (f"fac×{p.init_factor:.3g}" if p.init == "factory" else "keep")))
         mark = ""
         if p.note:
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"

@@ -161,7 +161,7 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         eps = hp.eps * eps_r / m if adam else None
         wd = weight_decay(hp.weight_decay, hp.lr, lr, m, optimizer,
                           spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
-        note = spectral.mup_departure(role, *fans) or spectral.mup_departure(role, *base_fans)
+        note = spectral.mup_departure(role, *fans)     # the target's own fans only
         if name in tied_params:
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")

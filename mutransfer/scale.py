@@ -128,10 +128,12 @@ def versions() -> dict:
     v = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
          "mutransfer": mutransfer.__version__, "cuda": torch.version.cuda,
          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for name in ("optuna", "pydantic", "typer", "rich", "yaml", "numpy"):
+    from importlib.metadata import PackageNotFoundError, version
+    for name, dist in (("optuna", "optuna"), ("pydantic", "pydantic"), ("typer", "typer"), ("rich", "rich"),
+                       ("yaml", "pyyaml"), ("numpy", "numpy"), ("transformers", "transformers")):
         try:
-            v[name] = getattr(__import__(name), "__version__", None)
-        except ImportError:
+            v[name] = version(dist)       # package metadata: rich has no __version__ attribute
+        except PackageNotFoundError:
             pass
     return v
 

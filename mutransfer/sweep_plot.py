@@ -43,7 +43,11 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
                 continue
             xs = [math.log2(v) for v in d[key]]
             ys = [y if y is not None else math.nan for y in d["losses"]]
-            ax.plot(xs, [min(y, yhi) for y in ys], "-o", ms=3, color=color[w], label=f"width {w}")
+            inside = [y if y <= yhi else math.nan for y in ys]      # points above the limit are not plateaus
+            ax.plot(xs, inside, "-o", ms=3, color=color[w], label=f"width {w}")
+            above = [x for x, y in zip(xs, ys) if y == y and y > yhi]
+            if above:       # off the scale: an open triangle at the top edge, not a point on a fake plateau
+                ax.plot(above, [yhi] * len(above), "^", mfc="none", color=color[w], ms=7, clip_on=False)
             dx = [x for x, y in zip(xs, d["losses"]) if y is None]
             if dx:
                 ax.plot(dx, [yhi - 0.03 * (yhi - ylo)] * len(dx), "x", color=color[w], ms=6)
@@ -58,7 +62,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
     axes[0][0].set_ylabel("training loss (mean of last steps)")
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
-        fig.suptitle(title + "   (dotted: fitted optimum; x: diverged)", fontsize=10)
+        fig.suptitle(title + "   (dotted: fitted optimum; x: diverged; △: above the plotted range)", fontsize=10)
     fig.tight_layout()
     try:
         return write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": marker("sweep plot")}))

@@ -29,7 +29,8 @@ import optuna
 import torch
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 from rich.table import Table
 
 from . import experiment
@@ -312,12 +313,24 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]tune[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), TextColumn("eta"), MeanEta(), console=console, transient=False)
+
+
+class MeanEta(ProgressColumn):
+    """Time left from the mean time per finished unit since the start: rich's own estimate needs
+    several units within its 30 s window and shows -:--:-- when a unit (a trial) takes longer."""
+
+    def render(self, task):
+        done = task.completed - task.fields.get("start_done", 0)
+        if not task.elapsed or done <= 0 or task.total is None:
+            return Text("-:--:--")
+        left = int(task.elapsed / done * max(0.0, task.total - task.completed))
+        return Text(f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
 
 
 def _best_text(study: optuna.Study) -> str:
     good = converged(study.get_trials(deepcopy=False))
-    return f"best {min(t.value for t in good):.4g}" if good else "best -"
+    return f"best val loss {min(t.value for t in good):.4g}" if good else "best val loss -"
 
 
 def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Study) -> list[int]:
@@ -417,7 +430,8 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
         console.print(f"resuming study {opts.study_name!r}: {done} finished trials in {opts.storage}", highlight=False)
     code = 0
     with _progress(console) as bar:
-        task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study))
+        task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study),
+                            start_done=min(done, opts.trials))
         try:
             if opts.workers == 1:
                 run_worker(opts, recipe, 0, on_trial=lambda s: bar.update(

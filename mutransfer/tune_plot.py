@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from .atomic import write_via
 from .outputs_guard import marker
 
 
@@ -37,23 +38,42 @@ def importances(study: optuna.Study) -> tuple[dict[str, float], str]:
         return {}, ""
 
 
+def _ylim(values: list[float]) -> tuple[float, float]:
+    lo, hi = min(values), max(values)
+    pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+    return lo - pad, hi + pad
+
+
 def plot_study(study: optuna.Study, path: str | Path) -> Path:
+    """History (diverged trials' penalties drawn at the top edge, off the scale of the others), the
+    loss against the LR (the slice a muTransfer user reads the optimum from), and importances."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     trials = study.get_trials(deepcopy=False)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
     good = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged")]
     div = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("diverged")]
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    ax.scatter([t.number for t in good], [t.value for t in good], s=22, color="tab:blue", label="complete", zorder=3)
-    ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
-               s=22, marker="v", color="tab:gray", label="pruned (last report)", zorder=3)
-    if div:
-        ax.scatter([t.number for t in div], [t.value for t in div], s=30, marker="x", color="tab:red",
-                   label="diverged (penalty)", zorder=3)
+    pvals = {t.number: t.intermediate_values[max(t.intermediate_values)] for t in pruned}
+    shown = [t.value for t in good] + list(pvals.values())
+    lo, hi = _ylim(shown) if shown else (0.0, 1.0)
+    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.5, 1.2, 1]})
+
+    def draw(axis, x_of):
+        axis.scatter([x_of(t) for t in good], [t.value for t in good], s=22, color="tab:blue", label="complete",
+                     zorder=3)
+        if pruned:
+            axis.scatter([x_of(t) for t in pruned], [pvals[t.number] for t in pruned], s=22, marker="v",
+                         color="tab:gray", label="pruned (last report)", zorder=3)
+        if div:       # penalties would squash the scale: drawn at the top edge instead
+            axis.scatter([x_of(t) for t in div], [hi] * len(div), s=40, marker="^", color="tab:red",
+                         label="diverged (off scale)", zorder=4, clip_on=False)
+        axis.set_ylim(lo, hi)
+        axis.grid(alpha=0.3)
+
+    draw(ax, lambda t: t.number)
     best, xs, ys = math.inf, [], []
     for t in sorted(good, key=lambda t: t.number):
         best = min(best, t.value)
@@ -66,11 +86,24 @@ def plot_study(study: optuna.Study, path: str | Path) -> Path:
     ax.set_xlabel("trial")
     ax.set_ylabel("validation loss")
     ax.set_title(f"optimisation history: {study.study_name}")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
+    lr_trials = [t for t in good + div + pruned if "lr" in t.params]
+    if lr_trials:
+        draw(cx, lambda t: t.params.get("lr", float("nan")))
+        cx.set_xscale("log", base=2)
+        cx.set_xlabel("lr (proxy)")
+        cx.set_title("loss against the learning rate")
+    else:
+        cx.text(0.5, 0.5, "lr was not searched", ha="center", va="center")
+        cx.set_axis_off()
+
     imp, label = importances(study)
-    if imp:
+    if len(imp) == 1:
+        bx.text(0.5, 0.5, f"one searched parameter ({next(iter(imp))}):\nimportance 1 by definition",
+                ha="center", va="center")
+        bx.set_axis_off()
+    elif imp:
         names = sorted(imp, key=imp.get)
         bx.barh(names, [imp[n] for n in names], color="tab:green")
         bx.set_xlim(0, 1)
@@ -78,10 +111,10 @@ def plot_study(study: optuna.Study, path: str | Path) -> Path:
     else:
         bx.text(0.5, 0.5, "not enough complete trials\nfor importances", ha="center", va="center")
         bx.set_axis_off()
-    bx.set_title(f"parameter importances ({label})" if label else "parameter importances")
+    bx.set_title(f"parameter importances ({label})" if label and len(imp) > 1 else "parameter importances")
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110, metadata={"Software": marker("tune plot")})
-    plt.close(fig)
-    return p
+    try:
+        return write_via(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110,
+                                                             metadata={"Software": marker("tune plot")}))
+    finally:
+        plt.close(fig)
