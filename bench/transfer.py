@@ -51,7 +51,7 @@ def _seconds(res):
 
 def _tune_with_optuna(recipe, a, proxy: int, workdir: Path) -> float:
     """lr* from mutransfer.tune's library function: an Optuna study over lr only at the proxy."""
-    from mutransfer.tune import make_options, tune
+    from mutransfer.tuning import make_options, tune
     from mutransfer.hparams_file import read_hparams_file
     from mutransfer.recipe import Range
 

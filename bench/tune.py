@@ -38,7 +38,7 @@ from mutransfer import experiment  # noqa: E402
 from mutransfer.recipe import load_recipe  # noqa: E402
 from mutransfer.shapes import build_meta  # noqa: E402
 from mutransfer.train import loss_fn  # noqa: E402
-from mutransfer.tune import Objective, make_pruner, make_sampler, report_every  # noqa: E402
+from mutransfer.tuning import Objective, make_pruner, make_sampler, report_every  # noqa: E402
 
 
 def with_overrides(recipe, steps, seeds):

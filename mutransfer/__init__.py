@@ -7,10 +7,11 @@ from .shapes import Shapes, infer_shapes
 from . import spectral
 from .coord_api import coord_check
 from .load import export, load
+from .tune_api import tune
 
 __version__ = "0.1.0"
 __all__ = [
     "UserError", "HParams", "TUNABLE_NAMES", "Parametrized", "parametrize", "init_model", "make_optimizer",
     "param_groups", "attach_readout_multipliers", "ParamPlan", "Plan", "make_plan", "Shapes",
-    "infer_shapes", "spectral", "coord_check", "load", "export",
+    "infer_shapes", "spectral", "coord_check", "load", "export", "tune",
 ]

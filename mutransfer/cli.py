@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .console import make_console
 from .errors import UserError
 from .signals import terminate_raises
 
@@ -84,11 +85,12 @@ def tune(
     workers: int = typer.Option(1, help="local worker processes sharing the storage"),
     out: Optional[Path] = typer.Option(None, help="hparams file to write (default runs/<name>/hparams.yaml)"),
     plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
+    log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): trials there too"),
 ):
     """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
-    from .tune import tune_command
+    from .tuning import tune_command
 
-    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot)
+    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log))
     if code:
         raise typer.Exit(code)
 
@@ -108,6 +110,7 @@ def scale(
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<name>/scale-<width>/)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-parameter plan and cost; train nothing"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="with --dry-run: write the plan as JSON"),
+    log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): also log there"),
 ):
     """Rescale every layer by the spectral rule and train the wide target."""
     from .explain import explain, render, write_json
@@ -121,7 +124,7 @@ def scale(
         from .scale import resolve_hparams
         check_output(json_path, "--json", "plan", [recipe], ".json")
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
-        Console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
+        make_console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width)
@@ -132,7 +135,7 @@ def scale(
     from .scale import ScaleOptions, run_scale
 
     res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device, compile, fsdp,
-                                 checkpoint_every, resume, str(out) if out else None))
+                                 checkpoint_every, resume, str(out) if out else None, log=tuple(log)))
     if res.exit_code:
         raise typer.Exit(res.exit_code)
 
@@ -176,12 +179,13 @@ def sweep(
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results, optima and drift as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per parametrization"),
+    log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): grid points there too"),
 ):
     """Loss against LR at several widths, muP and SP: does the optimum stay put? (cached per point)"""
     from .sweep import sweep_command
 
     code = sweep_command(recipe, widths, lrs, lr_range, param, parametrization, seeds, steps, batch_size,
-                         workers, device, json_path, plot)
+                         workers, device, json_path, plot, log=tuple(log))
     if code:
         raise typer.Exit(code)
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .console import make_console
 from .atomic import write_via
 from . import coord
 from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
@@ -44,7 +45,7 @@ def progress(s: Settings, console: Optional[Console] = None) -> Iterator:
     total = len(s.widths) * s.seeds
     with Progress(TextColumn("coord-check"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console or Console(stderr=True), transient=True) as bar:
+                  console=console or make_console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"width {s.widths[0]}", total=total)
 
         def on_run(width: int, seed: int) -> None:
@@ -69,9 +70,7 @@ def note(row) -> str:
 def render(res: Result, console: Optional[Console] = None, limit: Optional[int] = None) -> None:
     """The table, worst slope first, then the verdict line."""
     if console is None:
-        console = Console()
-        if not console.is_terminal:   # piped or logged: do not squeeze module names into 80 columns
-            console = Console(width=max(console.width, 150))
+        console = make_console()
     s = res.settings
     t = Table(title=f"coord-check ({s.parametrization}, {s.optimizer}, lr {s.lr:g}, {s.steps} steps, "
                     f"{s.seeds} seed{'s' * (s.seeds > 1)}): values at t = {s.steps}")
@@ -279,7 +278,7 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
     with progress(s) as on_run:   # finished runs are kept in runs/<name>/coord-check/: a rerun resumes
         res = coord.run(recipe, s, on_run, cache_dir=Path("runs") / recipe.name / "coord-check")
     render(res, console)
-    say = (console or Console()).print
+    say = (console or make_console()).print
     if json_path:
         write_json(res, json_path)
         say(f"wrote {json_path}", highlight=False, soft_wrap=True)

@@ -12,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .console import make_console
 from . import atomic
 from .experiment import data_stream, first_batch, model_factory, shapes_for
 from .parametrize import factory_stds
@@ -123,7 +124,7 @@ def _shape(base: tuple, shape: tuple) -> str:
 
 
 def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console] = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     t = Table(title=f"spectral plan: width {plan.base_width} → {plan.width} ({plan.optimizer})",
               box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
     wide = console.width >= 120

@@ -25,6 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from .console import make_console
 from .atomic import clean_stale_temporaries, write_text
 from . import checkpoint as C
 from . import distributed as D
@@ -33,6 +34,7 @@ from .errors import UserError
 from .explain import estimate_cost, write_json
 from .outputs_guard import check_out_dir, marker
 from .hparams import HParams
+from .loggers import Loggers, check_kinds
 from .hparams_file import apply_hparams_file, default_path, read_hparams_file
 from .metrics import LiveProgress, MetricsFile, peak_flops
 from .parametrize import make_optimizer, param_groups
@@ -53,6 +55,7 @@ class ScaleOptions:
     resume: bool = False
     out: Optional[str] = None
     runs_dir: str = "runs"
+    log: tuple = ()              # --log tensorboard|wandb|csv (loggers.py)
 
 
 @dataclass
@@ -148,7 +151,7 @@ def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult
 
 
 def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
-    console = console or Console()
+    console = console or make_console()
     recipe = load_recipe(o.recipe)
     width = o.width if o.width is not None else recipe.widths.target
     if width <= 0:
@@ -188,6 +191,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     fp = fingerprint(recipe, width, src, d.world, per_rank)
 
     # --- everything that can fail on bad input, before anything is written
+    log_kinds = check_kinds(list(o.log))
     experiment.shapes_for(recipe, width)
     experiment.check_fits(recipe, width, "--width", d.device)
     data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
@@ -272,6 +276,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     callbacks: list[Any] = [C.StopOnSignal(d)]
     if metrics is not None:
         callbacks += [metrics, LiveProgress(out_console, steps, start, metrics)]
+    if d.main and log_kinds:
+        callbacks.append(Loggers(log_kinds, out, f"{recipe.name}-scale-{width}",
+                                 {"width": width, "proxy_width": src.base_width, **src.hparams.flat()}))
     callbacks.append(ckpt_cb)
 
     say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "

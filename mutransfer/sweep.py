@@ -24,8 +24,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
+from .console import make_console
 from .atomic import write_json
 from .outputs_guard import check_output as guard, marker
+from .loggers import Loggers, check_kinds
 from .signals import available_cpus
 from .errors import UserError
 from .hparams import MULTIPLIER_NAMES
@@ -409,7 +411,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     for w in cfg.widths:  # bad widths are input errors, found before any training
         shapes_for(recipe, w)
         check_fits(recipe, w, "--widths", device)
-    console = console or Console()
+    console = console or make_console()
     cache = Path(runs_dir) / recipe.name / "sweep"
     results = run_grid(recipe, cfg, cache, workers, device, progress)
     summary = summarize(results, cfg)
@@ -461,7 +463,7 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
                   lr_range: Optional[str] = None, param: Optional[str] = None, parametrization: Optional[str] = None,
                   seeds: Optional[int] = None, steps: Optional[int] = None, batch_size: Optional[int] = None,
                   workers: int = 1, device: str = "cpu", json_path: Optional[Path] = None,
-                  plot_path: Optional[Path] = None, runs_dir: Path = Path("runs")) -> int:
+                  plot_path: Optional[Path] = None, runs_dir: Path = Path("runs"), log: tuple = ()) -> int:
     """The CLI's one call: parse the flag strings, build the config, sweep. Returns the exit code."""
     from .experiment import resolve_device
     from .recipe import load_recipe
@@ -472,5 +474,23 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
     values = parse_list(lrs, "--lrs") if lrs else parse_range(lr_range) if lr_range else None
     ws = parse_list(widths, "--widths", int) if widths else None
     cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size)
-    _, code = sweep(recipe, cfg, workers, runs_dir, resolve_device(device), json_path, plot_path)
+    kinds = check_kinds(list(log))
+    summary, code = sweep(recipe, cfg, workers, runs_dir, resolve_device(device), json_path, plot_path)
+    if kinds:
+        log_sweep(kinds, Path(runs_dir) / recipe.name / "sweep", recipe.name, summary, cfg)
     return code
+
+
+def log_sweep(kinds: list[str], folder: Path, name: str, summary: dict, cfg: SweepConfig) -> None:
+    """Loss per grid point (step = the value's index in the grid) and the drift, to the loggers."""
+    lg = Loggers(kinds, folder, f"{name}-sweep", {"param": cfg.param, "steps": cfg.steps})
+    key = "lrs" if cfg.param == "lr" else "values"
+    try:
+        for par, per_w in summary["results"].items():
+            for w, d in per_w.items():
+                for i, y in enumerate(d["losses"]):
+                    lg.log(i, {f"sweep/{par}/width{w}/loss": y, f"sweep/{par}/width{w}/log2_{cfg.param}":
+                               math.log2(d[key][i])})
+        lg.log(0, {f"sweep/drift_octaves/{k}": v for k, v in summary.get("drift_octaves", {}).items()})
+    finally:
+        lg.close()

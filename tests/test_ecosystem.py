@@ -105,3 +105,58 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     assert blocks
     for b in blocks:
         exec(compile(b, "README.md", "exec"), {})
+
+
+def test_log_tensorboard_wandb_csv_land_inside_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    r = write_recipe(tmp_path, False)
+    res = cli(tmp_path, "scale", r, "--log", "tensorboard", "--log", "wandb", "--log", "csv")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "eco-untied" / "scale-32"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,key,value" and any(",train/loss," in x for x in rows) and any(",val/loss," in x for x in rows)
+    res = cli(tmp_path, "tune", r, "--log", "csv")
+    assert res.exit_code == 0, res.output
+    assert ",trial/best_val_loss," in (tmp_path / "runs" / "eco-untied" / "metrics.csv").read_text()
+    res = cli(tmp_path, "scale", r, "--log", "nope", "--out", "other")
+    assert res.exit_code == 2 and "--log" in res.output and not (tmp_path / "other").exists()
+
+
+def test_python_tune_api_with_a_user_loop_resumes(tmp_path):
+    import optuna
+    from mutransfer.data import vectors
+    from mutransfer.models import mlp
+
+    calls = []
+
+    def train_fn(model, optimizer, report):
+        it = vectors(batch_size=16, seed=0, dim=8, classes=4)
+        loss = None
+        for step in range(20):
+            x, y = next(it)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 10 == 9:
+                report(float(loss), step)
+        calls.append(float(loss))
+        return float(loss)
+
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    space = {"lr": {"low": 1e-3, "high": 1e-1, "log": True}}
+    best = mutransfer.tune(mlp, train_fn, space, width=16, trials=3, storage=url, study_name="api",
+                           args={"in_dim": 8, "out_dim": 4}, sampler_seed=0)
+    assert best["proxy_width"] == 16 and 1e-3 <= best["hparams"]["lr"] <= 1e-1 and best["trials"] == 3
+    assert best["best_value"] == min(calls)
+    again = mutransfer.tune(mlp, train_fn, space, width=16, trials=4, storage=url, study_name="api",
+                            args={"in_dim": 8, "out_dim": 4})
+    assert again["trials"] == 4 and len(calls) == 4          # resumed: one more trial, not four
+    with pytest.raises(mutransfer.UserError, match="space.nope"):
+        mutransfer.tune(mlp, train_fn, {"nope": {"low": 1, "high": 2}}, width=16, trials=1, storage=url)
+    assert optuna.load_study(study_name="api", storage=url)

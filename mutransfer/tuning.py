@@ -33,10 +33,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from rich.table import Table
 
+from .console import make_console
 from . import experiment
 from .errors import UserError
 from .outputs_guard import check_output
 from .hparams import HParams
+from .loggers import Loggers, check_kinds
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
@@ -61,6 +63,7 @@ class TuneOptions:
     plot: Optional[str]
     workers: int
     threads: int = 0           # torch threads per worker (0: torch's default)
+    log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
 
 
 # ---------------------------------------------------------------- options ---------------------------------
@@ -99,7 +102,8 @@ def _check_params(recipe: Recipe) -> None:
 
 def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
                  storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
-                 out: Optional[Path | str] = None, plot: Optional[Path | str] = None) -> TuneOptions:
+                 out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
+                 log: tuple = ()) -> TuneOptions:
     """Flags over the recipe, validated (UserError naming the flag or field)."""
     if trials is not None and trials <= 0:
         raise UserError("--trials", "must be > 0")
@@ -124,7 +128,7 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
         storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
         out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
-        threads=max(1, cpus // workers) if workers > 1 else 0,
+        threads=max(1, cpus // workers) if workers > 1 else 0, log=tuple(check_kinds(list(log))),
     )
 
 
@@ -406,6 +410,8 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
         return 0
     console.print(_table(good))
     best = min(good, key=lambda t: t.value)
+    if opts.log:
+        log_trials(opts, study)
     out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
                              optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
                              study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
@@ -421,7 +427,7 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
 
 def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -> int:
     """Run (or resume) the search until opts.trials finished trials exist; write the outputs. Exit code."""
-    console = console or Console()
+    console = console or make_console()
     experiment.check_recipe(recipe)
     experiment.check_fits(recipe, opts.width, "--width")     # before a study is tied to this width
     study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
@@ -454,11 +460,32 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
     return finish(opts, recipe, study, console)
 
 
+def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
+    """Every finished trial, in order, to the loggers (in the folder of the hparams file)."""
+    lg = Loggers(list(opts.log), Path(opts.out).parent, f"{opts.study_name}-tune", {"width": opts.width})
+    best = math.inf
+    try:
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            vals = {f"param/{k}": v for k, v in t.params.items() if isinstance(v, (int, float))}
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged"):
+                best = min(best, t.value)
+                vals["trial/val_loss"] = t.value
+            vals["trial/best_val_loss"] = best
+            vals["trial/diverged"] = float(bool(t.user_attrs.get("diverged")))
+            vals["trial/pruned"] = float(t.state == TrialState.PRUNED)
+            lg.log(t.number, vals)
+    finally:
+        lg.close()
+
+
 def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
-                 study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path]) -> int:
+                 study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
+                 log: tuple = ()) -> int:
     """The CLI's `tune`: load and validate, then tune()."""
     recipe = load_recipe(recipe_path)
-    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot)
+    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tune(opts, recipe)
