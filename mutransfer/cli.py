@@ -86,11 +86,12 @@ def tune(
     out: Optional[Path] = typer.Option(None, help="hparams file to write (default runs/<name>/hparams.yaml)"),
     plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): trials there too"),
+    depth: Optional[int] = typer.Option(None, help="depth to tune at (recipes with depths:; default depths.proxy)"),
 ):
     """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
     from .tuning import tune_command
 
-    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log))
+    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth)
     if code:
         raise typer.Exit(code)
 
@@ -111,6 +112,7 @@ def scale(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-parameter plan and cost; train nothing"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="with --dry-run: write the plan as JSON"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): also log there"),
+    depth: Optional[int] = typer.Option(None, help="target depth (recipes with depths:; default depths.target)"),
 ):
     """Rescale every layer by the spectral rule and train the wide target."""
     from .explain import explain, render, write_json
@@ -123,11 +125,14 @@ def scale(
         from .outputs_guard import check_output
         from .scale import resolve_hparams
         check_output(json_path, "--json", "plan", [recipe], ".json")
+        if depth is not None or r.depths is not None:
+            from .experiment import at_depth
+            r = at_depth(r, depth if depth is not None else r.depths.target)
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
         make_console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width)
+            plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth)
         render(plan, cost, shapes.unknown)
         if json_path:
             write_json(plan, cost, json_path)
@@ -135,7 +140,7 @@ def scale(
     from .scale import ScaleOptions, run_scale
 
     res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device, compile, fsdp,
-                                 checkpoint_every, resume, str(out) if out else None, log=tuple(log)))
+                                 checkpoint_every, resume, str(out) if out else None, log=tuple(log), depth=depth))
     if res.exit_code:
         raise typer.Exit(res.exit_code)
 

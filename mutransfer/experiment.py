@@ -17,9 +17,45 @@ from .models import BUILTIN_MODELS
 from .outputs import OutputError, check_against_targets, select
 from .parametrize import Parametrized, parametrize
 from .plan import MUP
-from .recipe import Recipe, accepts, resolve_factory
+from .recipe import Recipe, accepts, depth_arg, resolve_factory
 from .shapes import Shapes, infer_shapes
 from .train import TrainConfig
+
+
+def depth_of(recipe: Recipe) -> Optional[int]:
+    """The depth this recipe object builds at (None without `depths:`)."""
+    if recipe.depths is None:
+        return None
+    return recipe._depth if recipe._depth is not None else recipe.depths.proxy
+
+
+def at_depth(recipe: Recipe, depth: int) -> Recipe:
+    """A copy of the recipe that builds its model at `depth` (needs `depths:`)."""
+    if recipe.depths is None:
+        raise UserError("--depth", "the recipe has no depths: section")
+    if depth < 1:
+        raise UserError("--depth", f"must be >= 1, got {depth}")
+    r = recipe.model_copy(deep=True)
+    r._path, r._depth = recipe._path, depth
+    return r
+
+
+def model_args(recipe: Recipe) -> dict[str, Any]:
+    """The factory's keyword arguments: model.args, plus the depth when the recipe has `depths:`."""
+    d = depth_of(recipe)
+    if d is None:
+        return dict(recipe.model.args)
+    return {**recipe.model.args, depth_arg(recipe): d}
+
+
+def depth_rule(recipe: Recipe, base_depth: Optional[int] = None, use_rule: bool = True):
+    """(base depth, depth, alpha) for the plan, or None without `depths:`; use_rule=False gives the
+    control (every depth multiplier 1, the width rule unchanged)."""
+    d = depth_of(recipe)
+    if d is None:
+        return None
+    base = base_depth or recipe.depths.proxy
+    return (base, d, recipe.depths.alpha) if use_rule else (d, d, recipe.depths.alpha)
 
 
 def model_factory(recipe: Recipe) -> Callable:
@@ -97,12 +133,14 @@ def shapes_for(recipe: Recipe, width: int, base_width: Optional[int] = None) -> 
     """Width inference for this recipe, cached per (model spec, base width, width): coord-check,
     sweep and tune build the same widths many times."""
     base = base_width or recipe.widths.proxy
-    key = (json.dumps([recipe.model.model_dump(mode="json"), recipe.layouts], sort_keys=True, default=repr),
+    key = (json.dumps([recipe.model.model_dump(mode="json"), recipe.layouts, model_args(recipe),
+                       recipe.residual_branches, recipe.depths is not None], sort_keys=True, default=repr),
            base, width)
     hit = _SHAPES_CACHE.get(key)
     if hit is None:
-        hit = infer_shapes(model_factory(recipe), recipe.model.args, base, width, recipe.layouts,
-                           example=example_input(recipe))
+        hit = infer_shapes(model_factory(recipe), model_args(recipe), base, width, recipe.layouts,
+                           example=example_input(recipe), branches=recipe.depths is not None,
+                           branch_globs=recipe.residual_branches)
         if len(_SHAPES_CACHE) >= 64:
             _SHAPES_CACHE.pop(next(iter(_SHAPES_CACHE)))
         _SHAPES_CACHE[key] = hit
@@ -120,15 +158,16 @@ def example_input(recipe: Recipe):
 
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
           seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None,
-          optimizer: Optional[str] = None) -> Parametrized:
-    """The parametrized model at `width` for this recipe, relative to its proxy width.
-    `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
+          optimizer: Optional[str] = None, base_depth: Optional[int] = None, depth_rule_on: bool = True) -> Parametrized:
+    """The parametrized model at `width` (and the recipe's current depth) for this recipe, relative to
+    its proxy width (and depth). `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
     hp = hparams or HParams.from_train(recipe.train)
     base = base_width or recipe.widths.proxy
     return parametrize(
         model_factory(recipe), width, base, hp, optimizer or recipe.train.optimizer,
-        recipe.model.args, recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
+        model_args(recipe), recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
         shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
+        depth=depth_rule(recipe, base_depth, depth_rule_on),
     )
 
 
@@ -192,14 +231,14 @@ def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, wher
     out = None
     try:
         with torch.device("meta"), torch.no_grad():
-            out = factory(width=w, **recipe.model.args)(x.to("meta"))
+            out = factory(width=w, **model_args(recipe))(x.to("meta"))
         dev_y = y.to("meta")
     except Exception:  # noqa: BLE001 - data-dependent forward passes need real tensors
         out = None
     if out is None:
         try:
             with torch.no_grad():
-                m = factory(width=w, **recipe.model.args)
+                m = factory(width=w, **model_args(recipe))
                 m.eval()
                 out = m(x)
         except Exception as e:  # noqa: BLE001

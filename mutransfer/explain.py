@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .console import make_console
 from . import atomic
-from .experiment import data_stream, first_batch, model_factory, shapes_for
+from .experiment import data_stream, depth_rule, first_batch, model_args, model_factory, shapes_for
 from .parametrize import factory_stds
 from .outputs import select
 from .outputs_guard import marker
@@ -45,7 +45,7 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
     flops = None
     # data mistakes are the user's (UserError, exit 2); only the meta-device trace is best effort
     x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
-    model = build_meta(model_factory(recipe), width, recipe.model.args)
+    model = build_meta(model_factory(recipe), width, model_args(recipe))
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,11 +60,13 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
 
 
 def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup",
-            base_width: Optional[int] = None):
-    """The plan `scale` would use at `width`, relative to base_width (default widths.proxy)."""
+            base_width: Optional[int] = None, base_depth: Optional[int] = None):
+    """The plan `scale` would use at `width` (and the recipe's depth), relative to base_width (default
+    widths.proxy) and base_depth (default depths.proxy)."""
     hp = hparams or HParams.from_train(recipe.train)
     shapes = shapes_for(recipe, width, base_width)
-    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init)
+    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init,
+                     depth_rule(recipe, base_depth))
     plan.notes.extend(replaced_init_notes(recipe, plan))
     return plan, shapes, estimate_cost(recipe, plan, width)
 
@@ -76,7 +78,7 @@ def replaced_init_notes(recipe: Recipe, plan: Plan, tolerance: float = 0.25) -> 
         return []
     base_plan = plan if plan.width == plan.base_width else None
     try:
-        stds = factory_stds(model_factory(recipe), recipe.widths.proxy, recipe.model.args, recipe.train.seed)
+        stds = factory_stds(model_factory(recipe), recipe.widths.proxy, model_args(recipe), recipe.train.seed)
         if base_plan is None:
             base_plan = make_plan(shapes_for(recipe, recipe.widths.proxy), HParams.from_train(recipe.train),
                                   recipe.train.optimizer, plan.parametrization, recipe.factory_init)
@@ -154,6 +156,11 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         console.print(f"[{i}] {note}", highlight=False)
     for m, v in plan.readout_multipliers.items():
         console.print(f"[cyan]tied readout[/] {m}: input multiplied by {v:.4g} in the forward pass")
+    if plan.branch_multipliers:
+        m0 = next(iter(plan.branch_multipliers.values()))[0]
+        inb = [p for p in plan.params.values() if p.depth_lr is not None]
+        console.print(f"[cyan]depth rule[/]: {len(plan.branch_multipliers)} residual branches, output x {m0:.4g}; "
+                      f"{len(inb)} in-block parameters, LR x {inb[0].depth_lr:.4g}" if inb else "")
     for n in plan.notes:
         console.print(f"[yellow]note[/] {n}")
     if unknown:

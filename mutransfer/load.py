@@ -65,8 +65,10 @@ def load(run_dir: str | Path, checkpoint: Optional[str | Path] = None, *, device
     recipe, hp_used = _run_files(Path(run_dir))
     _, ck = _checkpoint(Path(run_dir), checkpoint)
     hp = HParams.from_train(recipe.train).with_values(dict(hp_used.get("hparams", {})))
+    if recipe.depths is not None and hp_used.get("depth"):
+        recipe = experiment.at_depth(recipe, int(hp_used["depth"]))
     pm = experiment.build(recipe, int(hp_used["width"]), hp, device=device,
-                          base_width=int(hp_used["proxy_width"]))
+                          base_width=int(hp_used["proxy_width"]), base_depth=hp_used.get("proxy_depth"))
     missing, unexpected = pm.model.load_state_dict(ck["model"], strict=False)
     if missing or unexpected:
         raise UserError(str(run_dir), f"the checkpoint does not match the model (missing {missing[:3]}, "
@@ -92,7 +94,7 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: Optional[str | Path
     from .plan import make_plan
     plan = make_plan(shapes, hp, recipe.train.optimizer, "mup", recipe.factory_init)
     state = dict(ck["model"])
-    args: dict[str, Any] = dict(recipe.model.args)
+    args: dict[str, Any] = experiment.model_args(recipe)
     notes: list[str] = []
     unfolded: dict[str, float] = {}
     for mod, m in plan.readout_multipliers.items():

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .branches import BranchScale
 from .errors import UserError
 from .hparams import HParams
 from .plan import MUP, Plan, make_plan
@@ -110,11 +111,14 @@ def _stable_hash(s: str) -> int:
 
 def attach_readout_multipliers(model: nn.Module, plan: Plan) -> list:
     """Tied embedding/readout: the readout's input is multiplied by the plan's multiplier in the
-    forward pass (a forward pre-hook), since one tensor cannot carry two init rules."""
+    forward pass (a forward pre-hook), since one tensor cannot carry two init rules. Residual
+    branches (depth transfer): each branch's output is multiplied by its depth multiplier."""
     handles = []
     modules = dict(model.named_modules())
     for mod_name, mult in plan.readout_multipliers.items():
         handles.append(modules[mod_name].register_forward_pre_hook(_Scale(mult)))
+    for mod_name, (mult, index) in plan.branch_multipliers.items():   # the depth rule's (L_base/L)^alpha
+        handles.append(modules[mod_name].register_forward_hook(BranchScale(mult, index)))
     return handles
 
 
@@ -175,6 +179,7 @@ def parametrize(
     shapes: Optional[Shapes] = None,
     example: Any = None,
     factory_init: bool | list[str] = False,
+    depth: Optional[tuple[int, int, float]] = None,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
@@ -185,7 +190,7 @@ def parametrize(
     args = args or {}
     if shapes is None:
         shapes = infer_shapes(factory, args, base_width, width, layouts, example=example)
-    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init)
+    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init, depth)
     proxy_stds = None
     if any(p.init == "factory" for p in plan.params.values()):
         proxy_stds = factory_stds(factory, base_width, args, seed)

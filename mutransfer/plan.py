@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from . import depth as depth_rule
 from . import spectral
 from .errors import UserError
 from .hparams import HParams
@@ -40,6 +41,7 @@ class ParamPlan:
     # init "factory": the factory's own tensor, rescaled to (its std at the proxy) x init_factor
     init_factor: Optional[float] = None
     use_layout: Optional[str] = None   # how the forward pass uses it, when a declaration overrode that
+    depth_lr: Optional[float] = None   # inside a residual block: the depth rule's LR ratio (else None)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Plan:
     # readout module name -> forward multiplier on its input (tied embedding / readout)
     readout_multipliers: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # residual branch module -> (multiplier on its output, index of the tensor in the output)
+    branch_multipliers: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -76,10 +80,12 @@ class Plan:
                     "layout": p.layout,
                     "layout_source": p.source,
                     "init_factor": p.init_factor,
+                    "depth_lr": p.depth_lr,
                 }
                 for p in self.params.values()
             ],
             "readout_multipliers": dict(self.readout_multipliers),
+            "branch_multipliers": {k: v[0] for k, v in self.branch_multipliers.items()},
             "notes": list(self.notes),
         }
 
@@ -119,14 +125,18 @@ def weight_decay(wd: float, global_lr: float, group_lr: float, m: float, optimiz
 
 
 def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP,
-              factory_init: Union[bool, list[str]] = False) -> Plan:
+              factory_init: Union[bool, list[str]] = False,
+              depth: Optional[tuple[int, int, float]] = None) -> Plan:
     """The per-parameter plan at shapes.width, relative to shapes.base_width.
 
     factory_init (True, or globs of parameter names): keep the factory's own initialisation at the
     proxy and transfer it by the rule's ratio (init "factory") instead of the rule's formula.
 
     parametrization="sp" is the control used by coord-check and sweep: identical at the proxy width,
-    elsewhere init std ~ 1/sqrt(fan_in) from the proxy's and LR, eps, weight decay fixed."""
+    elsewhere init std ~ 1/sqrt(fan_in) from the proxy's and LR, eps, weight decay fixed.
+
+    depth = (base depth, depth, alpha) applies the depth rule (depth.py) to every parameter inside a
+    residual block of shapes.branches, and puts the branch multiplier on every branch's output."""
     if optimizer not in spectral.OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     if parametrization not in (MUP, SP):
@@ -139,6 +149,11 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     tied_params = set(shapes.tied_readouts.values())
     out: dict[str, ParamPlan] = {}
     notes: list[str] = []
+    in_block = shapes.branches.block_params(shapes.params) if (depth and shapes.branches) else {}
+    if depth:
+        d_lr = depth_rule.lr_ratio(depth[0], depth[1], depth[2], optimizer)
+        d_eps = depth_rule.eps_ratio(depth[0], depth[1], depth[2])
+        d_l2 = depth_rule.l2_ratio(depth[0], depth[1], depth[2])
     for name, s in shapes.params.items():
         role = s.role
         base_fans, fans = (s.base_fan_in, s.base_fan_out), (s.fan_in, s.fan_out)
@@ -157,16 +172,19 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
             std = 0.0
         else:
             std = None
-        lr = hp.lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r
-        eps = hp.eps * eps_r / m if adam else None
+        blk = name in in_block
+        lr = hp.lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r * (d_lr if blk else 1.0)
+        eps = hp.eps * eps_r / m * (d_eps if blk else 1.0) if adam else None
         wd = weight_decay(hp.weight_decay, hp.lr, lr, m, optimizer,
-                          spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
+                          (spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
+                          * (d_l2 if blk else 1.0))
         note = spectral.mup_departure(role, *fans)     # the target's own fans only
         if name in tied_params:
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
-                              init, std, lr, wd, eps, note, s.layout, s.source, factor, s.use_layout)
+                              init, std, lr, wd, eps, note, s.layout, s.source, factor, s.use_layout,
+                              (d_lr if blk else None))
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():
@@ -181,4 +199,9 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
                                    * hp.mult("output", "mult") / hp.mult("input", "mult"))
         if hp.zero_readout:
             notes.append(f"zero_readout ignored for {mod_name}: its weight is tied to embedding {pname}")
-    return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes)
+    branch_mults: dict[str, tuple[float, int]] = {}
+    if depth and shapes.branches:
+        mult = depth_rule.branch_multiplier(depth[0], depth[1], depth[2])
+        if mult != 1.0:
+            branch_mults = {b: (mult, i) for b, i in shapes.branches.modules.items()}
+    return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes, branch_mults)

@@ -65,6 +65,8 @@ class ModelSpec(FactorySpec):
     kv_heads_field: Optional[str] = None
     kv_groups: int = Field(default=1, ge=1)
     attn_implementation: Optional[Literal["eager", "sdpa"]] = None
+    # the factory keyword (hf: the config field) that sets the depth when `depths:` is given
+    depth_arg: Optional[str] = None
 
     @field_validator("width_fields")
     @classmethod
@@ -99,6 +101,18 @@ class ModelSpec(FactorySpec):
 
 
 MAX_WIDTH = 2**24     # 16M: far beyond any model; catches 1e40 before torch does
+
+
+class Depths(_Strict):
+    proxy: int = Field(gt=0, le=100_000)
+    target: int = Field(gt=0, le=100_000)
+    alpha: float = Field(default=1.0, ge=0, le=1)    # 1: CompleteP, 0.5: depth-muP
+
+    @model_validator(mode="after")
+    def _order(self) -> "Depths":
+        if self.proxy > self.target:
+            raise ValueError(f"proxy depth ({self.proxy}) is above target depth ({self.target})")
+        return self
 
 
 class Widths(_Strict):
@@ -270,6 +284,10 @@ class Recipe(_Strict):
     layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed"]] = Field(
         default_factory=dict
     )
+    # depth transfer (depth.py): the proxy's and the target's depth and the exponent alpha
+    depths: Optional[Depths] = None
+    # globs of module names that are residual branches, when tracing cannot see them (branches.py)
+    residual_branches: list[str] = Field(default_factory=list)
     # keep the factory's own init at the proxy (true, or globs of parameter names), transferred to
     # other widths by the rule's ratio, instead of the rule's formula (plan.make_plan)
     factory_init: Union[bool, list[str]] = False
@@ -279,10 +297,35 @@ class Recipe(_Strict):
 
     # where the recipe came from (not a YAML key)
     _path: Optional[Path] = None
+    # the depth this recipe object builds at (experiment.at_depth); None: depths.proxy
+    _depth: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _depth_arg(self) -> "Recipe":
+        if self.depths is not None:
+            arg = depth_arg(self)
+            if arg in self.model.args:
+                raise ValueError(f"model.args.{arg} and depths: both set the depth; remove model.args.{arg}")
+        elif self.residual_branches:
+            raise ValueError("residual_branches applies only with depths:")
+        return self
 
     @property
     def path(self) -> Optional[Path]:
         return self._path
+
+
+def depth_arg(recipe: "Recipe") -> str:
+    """The keyword the model factory takes its depth by: model.depth_arg, a built-in's own, or `depth`."""
+    m = recipe.model
+    if m.depth_arg:
+        return m.depth_arg
+    if m.factory.startswith("builtin:"):
+        from .models import BUILTIN_DEPTH_ARGS
+        return BUILTIN_DEPTH_ARGS.get(m.factory.split(":", 1)[1], "depth")
+    if m.factory.startswith("hf:"):
+        return "num_hidden_layers"
+    return "depth"
 
 
 def _format_loc(loc: tuple) -> str:

@@ -56,6 +56,7 @@ class ScaleOptions:
     out: Optional[str] = None
     runs_dir: str = "runs"
     log: tuple = ()              # --log tensorboard|wandb|csv (loggers.py)
+    depth: Optional[int] = None  # target depth (default depths.target; recipes with depths: only)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class HParamsSource:
     base_width: int
     source: str                        # human-readable: which file, or the recipe's values
     file: Optional[dict] = None        # the parsed hparams file, if any
+    base_depth: Optional[int] = None   # the depth the values were tuned at (recipes with depths:)
 
 
 def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs") -> HParamsSource:
@@ -78,7 +80,8 @@ def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs")
     if path is None:
         p = default_path(recipe.name, runs_dir)
         if not p.is_file():
-            return HParamsSource(base, recipe.widths.proxy, f"the recipe's base values (no {p})")
+            return HParamsSource(base, recipe.widths.proxy, f"the recipe's base values (no {p})", None,
+                                 recipe.depths.proxy if recipe.depths is not None else None)
         where = str(p)
     else:
         p, where = Path(path), "--hparams"
@@ -89,7 +92,10 @@ def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs")
     bw = d["proxy_width"]
     if not isinstance(bw, int) or isinstance(bw, bool) or bw <= 0:
         raise UserError(f"{p}: proxy_width", "must be a positive integer")
-    return HParamsSource(hp, bw, f"tuned values from {p}", d)
+    bd = d.get("proxy_depth")
+    if recipe.depths is not None and bd is not None and (isinstance(bd, bool) or not isinstance(bd, int) or bd < 1):
+        raise UserError(f"{p}: proxy_depth", f"must be a positive integer, got {bd!r}")
+    return HParamsSource(hp, bw, f"tuned values from {p}", d, bd if recipe.depths is not None else None)
 
 
 def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) -> dict:
@@ -117,7 +123,7 @@ def fingerprint(recipe: Recipe, width: int, src: HParamsSource, world: int, per_
     t = {k: v for k, v in r["train"].items() if k not in ("steps", "eval_every", "eval_batches", "log_every")}
     return {"model": r["model"], "data": r["data"], "loss": r["loss"], "layouts": r["layouts"], "train": t,
             "width": width, "base_width": src.base_width, "hparams": src.hparams.flat(), "world_size": world,
-            "per_rank_batch": per_rank_batch}
+            "per_rank_batch": per_rank_batch, "depth": experiment.depth_of(recipe), "base_depth": src.base_depth}
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -153,6 +159,8 @@ def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult
 def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
     console = console or make_console()
     recipe = load_recipe(o.recipe)
+    if o.depth is not None or recipe.depths is not None:
+        recipe = experiment.at_depth(recipe, o.depth if o.depth is not None else recipe.depths.target)
     width = o.width if o.width is not None else recipe.widths.target
     if width <= 0:
         raise UserError("--width", "must be > 0")
@@ -182,7 +190,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
     if o.fsdp and not d.enabled:
         raise UserError("--fsdp", "FSDP needs several processes: launch with torchrun --nproc-per-node N")
-    out = check_out_dir(Path(o.out) if o.out else Path(o.runs_dir) / recipe.name / f"scale-{width}", "--out")
+    dep = experiment.depth_of(recipe)
+    default_out = Path(o.runs_dir) / recipe.name / (f"scale-{width}" + (f"-d{dep}" if dep is not None else ""))
+    out = check_out_dir(Path(o.out) if o.out else default_out, "--out")
     ck_dir = out / "checkpoints"
     for name in SCALE_FILES:      # never overwrite what another command (tune) or the user put there
         f = out / name
@@ -239,7 +249,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         say(f"[bold]resuming[/] from {newest} (step {start} of {steps})")
 
     # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
-    pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width)
+    pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width,
+                          base_depth=src.base_depth)
     plan = pm.plan
     model, no_sync = D.wrap(pm.model, d, o.fsdp)
     optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer, src.hparams,
@@ -258,7 +269,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
         write_text(out / "hparams.yaml", yaml.safe_dump(
-            {"written_by": marker("scale run"), "source": src.source, "proxy_width": src.base_width, "width": width, "optimizer": t.optimizer,
+            {"written_by": marker("scale run"), "source": src.source, "proxy_width": src.base_width, "width": width,
+             "proxy_depth": src.base_depth, "depth": experiment.depth_of(recipe), "optimizer": t.optimizer,
              "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
         write_json(plan, cost, out / "plan.json")
         v = versions()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .branches import Branches, find_branches
 from .trace import Use, layout_from_use, trace_uses
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
@@ -53,6 +54,8 @@ class Shapes:
     unknown: list[str] = field(default_factory=list)
     # why the trace did not run or failed ("" when it ran or was not needed)
     trace_note: str = ""
+    # residual branches (depth transfer only; branches.py)
+    branches: Optional[Branches] = None
 
 
 def build_meta(factory: Callable, width: int, args: dict[str, Any], where: str = "model") -> nn.Module:
@@ -149,6 +152,8 @@ def infer_shapes(
     layouts: Optional[dict[str, str]] = None,
     warn: bool = True,
     example: Any = None,
+    branches: bool = False,
+    branch_globs: Optional[list[str]] = None,
 ) -> Shapes:
     """Build at base_width and width (and at 2*base_width if the two are equal, to see which dims
     grow), match parameters by name and classify each: by the owning module when it is a known torch
@@ -255,7 +260,41 @@ def infer_shapes(
             + ", ".join(f"{n} -> {params[n].role} ({params[n].layout})" for n in unknown),
             stacklevel=2,
         )
-    return Shapes(width, base_width, params, tied, unknown, trace_note)
+    found = _branches(factory, args, base_width, base, example, branch_globs or []) if branches else None
+    return Shapes(width, base_width, params, tied, unknown, trace_note, found)
+
+
+def _branches(factory: Callable, args: dict[str, Any], base_width: int, meta_model: nn.Module, example: Any,
+              globs: list[str]) -> Branches:
+    """Residual branches: declared by `residual_branches:` globs, else found by tracing."""
+    if globs:
+        names = [n for n, _ in meta_model.named_modules() if n]
+        out = Branches()
+        for g in globs:
+            hit = [n for n in names if fnmatch.fnmatchcase(n, g)]
+            if not hit:
+                raise UserError(f"residual_branches: {g}", "this pattern matches no module of the model")
+            for n in hit:
+                out.modules[n] = 0
+                out.blocks[n] = n.rsplit(".", 1)[0] if "." in n else ""
+        return out
+    if example is None:
+        raise UserError("depths", "no example input to find the residual branches with")
+    try:
+        found = find_branches(meta_model, _to_device(example, "meta"))
+    except Exception:  # noqa: BLE001 - data-dependent forward passes fail on meta; try for real
+        try:
+            with torch.device("cpu"):
+                real = factory(width=base_width, **args)
+            real.eval()
+            found = find_branches(real, _to_device(example, "cpu"))
+        except Exception as e:  # noqa: BLE001
+            raise UserError("depths", f"the forward pass could not be traced to find residual branches "
+                            f"({type(e).__name__}: {str(e)[:120]}); name them under residual_branches:") from None
+    if not found.modules:
+        raise UserError("depths", "no residual branch (x + f(x)) found in the model's forward pass: the depth "
+                        "rule needs residual blocks; name them under residual_branches: if tracing missed them")
+    return found
 
 
 def _to_device(x: Any, device) -> Any:

@@ -64,6 +64,7 @@ class TuneOptions:
     workers: int
     threads: int = 0           # torch threads per worker (0: torch's default)
     log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
+    depth: Optional[int] = None  # the depth tuned at (recipes with depths:; default depths.proxy)
 
 
 # ---------------------------------------------------------------- options ---------------------------------
@@ -103,7 +104,7 @@ def _check_params(recipe: Recipe) -> None:
 def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
                  storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
                  out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
-                 log: tuple = ()) -> TuneOptions:
+                 log: tuple = (), depth: Optional[int] = None) -> TuneOptions:
     """Flags over the recipe, validated (UserError naming the flag or field)."""
     if trials is not None and trials <= 0:
         raise UserError("--trials", "must be > 0")
@@ -129,7 +130,23 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
         out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
         threads=max(1, cpus // workers) if workers > 1 else 0, log=tuple(check_kinds(list(log))),
+        depth=_tune_depth(recipe, depth),
     )
+
+
+def _tune_depth(recipe: Recipe, depth: Optional[int]) -> Optional[int]:
+    if depth is None:
+        return recipe.depths.proxy if recipe.depths is not None else None
+    if recipe.depths is None:
+        raise UserError("--depth", "the recipe has no depths: section")
+    if depth < 1:
+        raise UserError("--depth", f"must be >= 1, got {depth}")
+    return depth
+
+
+def recipe_for(opts: TuneOptions, recipe: Recipe) -> Recipe:
+    """The recipe at the depth being tuned (itself without depths:)."""
+    return experiment.at_depth(recipe, opts.depth) if opts.depth is not None else recipe
 
 
 def report_every(recipe: Recipe) -> int:
@@ -176,6 +193,8 @@ def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Stu
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are summarised by tune itself
     want = {"width": opts.width, "steps": recipe.train.steps, "optimizer": recipe.train.optimizer,
             "seeds": recipe.search.seeds}
+    if opts.depth is not None:
+        want["depth"] = opts.depth
     with storage_lock(opts.storage):    # two tunes on a new SQLite file: one creates, the other loads
         storage = open_storage(opts.storage, recipe.search.heartbeat)
         try:
@@ -191,7 +210,7 @@ def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Stu
         for k in STUDY_ATTRS:
             if k in have and have[k] != want[k]:
                 flag = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer",
-                        "seeds": "search.seeds"}[k]
+                        "seeds": "search.seeds", "depth": "--depth"}[k]
                 raise UserError(flag, f"study {opts.study_name!r} in {opts.storage} was tuned with {k} = {have[k]}, "
                                       f"not {want[k]}; its trials are not comparable (use another --study-name)")
     seed = recipe.search.sampler_seed
@@ -249,7 +268,8 @@ class Objective:
         for s in range(r.search.seeds):
             seed = r.train.seed + s
             # the width tuned at is the base: a plain model there, as `scale` rebuilds it from proxy_width
-            p = experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width)
+            p = experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width,
+                                 base_depth=experiment.depth_of(r))
             cfg = experiment.train_config(r, device=self.device, eval_every=report_every(r),
                                           divergence_factor=r.search.divergence_factor)
             rep = Reporter(trial, self.val, offset=s * r.train.steps)
@@ -307,7 +327,7 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
         torch.set_num_threads(opts.threads)
     warnings.simplefilter("ignore", UserWarning)
     try:
-        run_worker(opts, load_recipe(opts.recipe_path), worker)
+        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe_path)), worker)
     except KeyboardInterrupt:
         sys.exit(130)
     except UserError as e:
@@ -415,7 +435,7 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
     out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
                              optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
                              study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
-                             extra={"trials": finished})
+                             extra={"trials": finished, **({"proxy_depth": opts.depth} if opts.depth else {})})
     console.print(f"best trial #{best.number}: val loss {best.value:.4f} with "
                   + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}", highlight=False)
     if opts.plot:
@@ -428,6 +448,7 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
 def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -> int:
     """Run (or resume) the search until opts.trials finished trials exist; write the outputs. Exit code."""
     console = console or make_console()
+    recipe = recipe_for(opts, recipe)
     experiment.check_recipe(recipe)
     experiment.check_fits(recipe, opts.width, "--width")     # before a study is tied to this width
     study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
@@ -482,10 +503,10 @@ def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
 
 def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
                  study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
-                 log: tuple = ()) -> int:
+                 log: tuple = (), depth: Optional[int] = None) -> int:
     """The CLI's `tune`: load and validate, then tune()."""
     recipe = load_recipe(recipe_path)
-    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log)
+    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tune(opts, recipe)

@@ -2,5 +2,8 @@
 from .cnn import cnn
 from .gpt import gpt
 from .mlp import mlp
+from .resmlp import resmlp
 
-BUILTIN_MODELS = {"mlp": mlp, "gpt": gpt, "cnn": cnn}
+BUILTIN_MODELS = {"mlp": mlp, "gpt": gpt, "cnn": cnn, "resmlp": resmlp}
+# the keyword each built-in takes its depth by (recipes' `depths:`)
+BUILTIN_DEPTH_ARGS = {"gpt": "layers", "resmlp": "depth", "mlp": "depth", "cnn": "blocks"}
