@@ -185,12 +185,14 @@ def sweep(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results, optima and drift as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per parametrization"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): grid points there too"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths: sweep LR x depth at a fixed width"),
+    width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
 ):
     """Loss against LR at several widths, muP and SP: does the optimum stay put? (cached per point)"""
     from .sweep import sweep_command
 
     code = sweep_command(recipe, widths, lrs, lr_range, param, parametrization, seeds, steps, batch_size,
-                         workers, device, json_path, plot, log=tuple(log))
+                         workers, device, json_path, plot, log=tuple(log), depths=depths, width=width)
     if code:
         raise typer.Exit(code)
 

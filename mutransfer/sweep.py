@@ -63,6 +63,13 @@ class SweepConfig:
     batch_size: int
     average_last: int
     divergence_factor: float
+    # depth sweep (`--depths`): `widths` holds the depths and every model has this width; "mup" is the
+    # depth rule, "sp" the same model with every depth multiplier 1 (the width rule stays)
+    depth_width: Optional[int] = None
+
+    @property
+    def axis(self) -> str:
+        return "depth" if self.depth_width else "width"
 
     def points(self) -> list[Point]:
         return [Point(p, w, v, s) for p in self.parametrizations for w in self.widths
@@ -114,9 +121,25 @@ def default_values(center: float, octaves: int = 5) -> list[float]:
 
 def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Optional[list[float]] = None,
                 param: Optional[str] = None, parametrization: Optional[str] = None, seeds: Optional[int] = None,
-                steps: Optional[int] = None, batch_size: Optional[int] = None) -> SweepConfig:
-    """Flags over the recipe's `sweep:` section over defaults; every value checked (UserError)."""
+                steps: Optional[int] = None, batch_size: Optional[int] = None, depths: Optional[list[int]] = None,
+                width: Optional[int] = None) -> SweepConfig:
+    """Flags over the recipe's `sweep:` section over defaults; every value checked (UserError).
+    With `depths`, the sweep runs over depths at the fixed `width` (default widths.proxy)."""
     s = recipe.sweep
+    if depths is not None:
+        if widths is not None:
+            raise UserError("--depths", "give --depths or --widths, not both")
+        if recipe.depths is None:
+            raise UserError("--depths", "the recipe has no depths: section (the depth rule's alpha and the depth argument)")
+        if any(d < 1 for d in depths):
+            raise UserError("--depths", "depths must be >= 1")
+        fixed = width or recipe.widths.proxy
+        if fixed < 1:
+            raise UserError("--width", "must be >= 1")
+        cfg = make_config(recipe, sorted(set(depths)), values, param, parametrization, seeds, steps, batch_size)
+        return SweepConfig(**{**cfg.__dict__, "depth_width": fixed})
+    if width is not None:
+        raise UserError("--width", "applies to depth sweeps (--depths) only")
     param = param or s.param
     if param not in SWEEPABLE:
         raise UserError("--param", f"cannot sweep {param!r}; sweepable: {', '.join(SWEEPABLE)}")
@@ -164,6 +187,8 @@ def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
     d["widths"].pop("target", None)
     d["sweep_run"] = {"param": cfg.param, "steps": cfg.steps, "batch_size": cfg.batch_size,
                       "average_last": cfg.average_last, "divergence_factor": cfg.divergence_factor}
+    if cfg.depth_width:
+        d["sweep_run"]["depth_width"] = cfg.depth_width
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,7 +213,12 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
     hp = HParams.from_train(recipe.train).with_values({cfg.param: point.value})
     seed = recipe.train.seed + point.seed
     t0 = time.perf_counter()
-    pm = build(recipe, point.width, hp, device=device, seed=seed, parametrization=point.parametrization)
+    if cfg.depth_width:      # a depth sweep: point.width is the depth; "sp" turns the depth rule off
+        from .experiment import at_depth
+        recipe = at_depth(recipe, point.width)
+        pm = build(recipe, cfg.depth_width, hp, device=device, seed=seed, depth_rule_on=point.parametrization == "mup")
+    else:
+        pm = build(recipe, point.width, hp, device=device, seed=seed, parametrization=point.parametrization)
     data = data_stream(recipe, "train", seed, batch_size=cfg.batch_size)
     tail = _Tail(cfg.average_last)
     state = train(pm.model, pm.optimizer, data, train_config(recipe, device, steps=cfg.steps,
@@ -274,8 +304,9 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
             todo.append(p)
     # the SP control is the very same model as muP at the proxy width: train it once, record it twice
     grid = set(cfg.points())
+    same = recipe.depths.proxy if cfg.depth_width else recipe.widths.proxy
     twins = {p: Point("mup", p.width, p.value, p.seed) for p in todo
-             if p.parametrization == "sp" and p.width == recipe.widths.proxy}
+             if p.parametrization == "sp" and p.width == same}
     twins = {p: t for p, t in twins.items() if t in grid}
     todo = [p for p in todo if p not in twins]
     todo.sort(key=lambda p: (-p.width, p.parametrization, p.value, p.seed))
@@ -350,6 +381,10 @@ def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
             out["wider_is_better"][par] = {"value": cfg.values[j], "ok": ok, "losses": {str(w): y for w, y in pairs},
                                            "violations": [list(b) for b in bad]}
     out["verdict"] = verdict(out, cfg)
+    out["axis"] = cfg.axis
+    if cfg.depth_width:      # the same check, named for depth (losses keyed by depth)
+        out["deeper_is_better"] = out["wider_is_better"]
+        out["width"] = cfg.depth_width
     return out
 
 
@@ -360,13 +395,14 @@ def verdict(summary: dict, cfg: SweepConfig) -> str:
         d = summary["drift_octaves"].get(par)
         txt = "n/a" if d is None else f"{d:.2f} octaves"
         if summary["at_edge"].get(par):
-            txt += " (optimum at the grid's edge for width " + ",".join(map(str, summary["at_edge"][par])) + ")"
+            txt += f" (optimum at the grid's edge for {cfg.axis} " + ",".join(map(str, summary["at_edge"][par])) + ")"
         parts.append((par, txt))
     what = "" if cfg.param == "lr" else f" of {cfg.param}"
     head, *rest = parts
-    s = f"{LABEL[head[0]]} optimum{what} drift {head[1]} across {span}"
+    label = (lambda p: {"mup": "depth rule", "sp": "no depth rule"}[p]) if cfg.depth_width else (lambda p: LABEL[p])
+    s = f"{label(head[0])} optimum{what} drift {head[1]} across {cfg.axis} {span}"
     for par, txt in rest:
-        s += f"; {LABEL[par]} {txt}"
+        s += f"; {label(par)} {txt}"
     return s
 
 
@@ -375,10 +411,12 @@ def wider_line(summary: dict, cfg: SweepConfig, par: str) -> str:
     if w is None:
         return f"{LABEL[par]}: no {cfg.param} value finished at every width; wider-is-better not checked"
     losses = ", ".join(f"{k}: {v:.4f}" for k, v in w["losses"].items())
+    word = "deeper" if cfg.depth_width else "wider"
+    name = ({"mup": "depth rule", "sp": "no depth rule"}[par]) if cfg.depth_width else LABEL[par]
     if w["ok"]:
-        return f"{LABEL[par]}: wider is better at the shared optimum {cfg.param}={w['value']:.3g} ({losses})"
+        return f"{name}: {word} is better at the shared optimum {cfg.param}={w['value']:.3g} ({losses})"
     bad = ", ".join(f"{a}→{b}" for a, b in w["violations"])
-    return f"{LABEL[par]}: wider is NOT always better at {cfg.param}={w['value']:.3g} (worse at {bad}; {losses})"
+    return f"{name}: {word} is NOT always better at {cfg.param}={w['value']:.3g} (worse at {bad}; {losses})"
 
 
 # ----------------------------------------------------------------------------------------------- command
@@ -408,9 +446,15 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     from .experiment import check_fits, check_recipe, shapes_for
 
     check_recipe(recipe)
-    for w in cfg.widths:  # bad widths are input errors, found before any training
-        shapes_for(recipe, w)
-        check_fits(recipe, w, "--widths", device)
+    for w in cfg.widths:  # bad widths (depths) are input errors, found before any training
+        if cfg.depth_width:
+            from .experiment import at_depth
+            rd = at_depth(recipe, w)
+            shapes_for(rd, cfg.depth_width)
+            check_fits(rd, cfg.depth_width, "--depths", device)
+        else:
+            shapes_for(recipe, w)
+            check_fits(recipe, w, "--widths", device)
     console = console or make_console()
     cache = Path(runs_dir) / recipe.name / "sweep"
     results = run_grid(recipe, cfg, cache, workers, device, progress)
@@ -419,10 +463,10 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
                     "loss": f"training loss averaged over the last {cfg.average_last} steps",
                     "widths": list(cfg.widths)})
 
-    table = Table(title=f"sweep of {cfg.param}: {recipe.name}, {cfg.steps} steps, batch {cfg.batch_size}, "
+    table = Table(title=(f"width {cfg.depth_width}, " if cfg.depth_width else "") + f"sweep of {cfg.param}: {recipe.name}, {cfg.steps} steps, batch {cfg.batch_size}, "
                         f"{cfg.seeds} seed(s)")
     table.add_column("param.")
-    table.add_column("width", justify="right")
+    table.add_column(cfg.axis, justify="right")
     table.add_column(f"best {cfg.param}", justify="right")
     table.add_column("log2", justify="right")
     table.add_column("best loss", justify="right")
@@ -432,7 +476,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
         for w, d in per_w.items():
             fin = [y for y in d["losses"] if y is not None]
             b = d[best_key]
-            table.add_row(LABEL[par], w, "-" if b is None else f"{2 ** b:.3g}" + (" (edge)" if d["at_edge"] else ""),
+            table.add_row(({"mup": "depth rule", "sp": "no depth rule"}[par] if cfg.depth_width else LABEL[par]), w, "-" if b is None else f"{2 ** b:.3g}" + (" (edge)" if d["at_edge"] else ""),
                           "-" if b is None else f"{b:.2f}", f"{min(fin):.4f}" if fin else "-",
                           f"{len(d['losses']) - len(fin)}/{len(d['losses'])}")
     console.print(table)
@@ -463,7 +507,8 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
                   lr_range: Optional[str] = None, param: Optional[str] = None, parametrization: Optional[str] = None,
                   seeds: Optional[int] = None, steps: Optional[int] = None, batch_size: Optional[int] = None,
                   workers: int = 1, device: str = "cpu", json_path: Optional[Path] = None,
-                  plot_path: Optional[Path] = None, runs_dir: Path = Path("runs"), log: tuple = ()) -> int:
+                  plot_path: Optional[Path] = None, runs_dir: Path = Path("runs"), log: tuple = (),
+                  depths: Optional[str] = None, width: Optional[int] = None) -> int:
     """The CLI's one call: parse the flag strings, build the config, sweep. Returns the exit code."""
     from .experiment import resolve_device
     from .recipe import load_recipe
@@ -473,7 +518,8 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
         raise UserError("--lrs", "give --lrs or --lr-range, not both")
     values = parse_list(lrs, "--lrs") if lrs else parse_range(lr_range) if lr_range else None
     ws = parse_list(widths, "--widths", int) if widths else None
-    cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size)
+    ds = parse_list(depths, "--depths", int) if depths else None
+    cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size, ds, width)
     kinds = check_kinds(list(log))
     summary, code = sweep(recipe, cfg, workers, runs_dir, resolve_device(device), json_path, plot_path)
     if kinds:

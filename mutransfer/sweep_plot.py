@@ -44,7 +44,7 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
             xs = [math.log2(v) for v in d[key]]
             ys = [y if y is not None else math.nan for y in d["losses"]]
             inside = [y if y <= yhi else math.nan for y in ys]      # points above the limit are not plateaus
-            ax.plot(xs, inside, "-o", ms=3, color=color[w], label=f"width {w}")
+            ax.plot(xs, inside, "-o", ms=3, color=color[w], label=f"{summary.get('axis', 'width')} {w}")
             above = [x for x, y in zip(xs, ys) if y == y and y > yhi]
             if above:       # off the scale: an open triangle at the top edge, not a point on a fake plateau
                 ax.plot(above, [yhi] * len(above), "^", mfc="none", color=color[w], ms=7, clip_on=False)
@@ -55,7 +55,9 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
             if b is not None:
                 ax.axvline(b, color=color[w], lw=0.8, ls=":")
         dr = summary.get("drift_octaves", {}).get(par)
-        ax.set_title(f"{LABEL.get(par, par)}" + ("" if dr is None else f" — optimum drift {dr:.2f} octaves"))
+        name = ({"mup": "depth rule", "sp": "no depth rule"}.get(par, par) if summary.get("axis") == "depth"
+                else LABEL.get(par, par))
+        ax.set_title(name + ("" if dr is None else f" — optimum drift {dr:.2f} octaves"))
         ax.set_xlabel(f"log2 {param}")
         ax.set_ylim(ylo, yhi)
         ax.grid(alpha=0.3)
