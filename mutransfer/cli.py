@@ -158,12 +158,14 @@ def coord_check(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the measurements and verdict as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per statistic"),
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    depths: Optional[str] = typer.Option(None, help="comma-separated depths: a depth ladder at a fixed width"),
+    width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
 ):
     """Train at several widths for a few steps and flag activations or updates that blow up."""
     from .coord_report import coord_check_command
 
     code = coord_check_command(_recipe(recipe), widths, steps, seeds, lr, optimizer, parametrization,
-                               json_path, plot, device)
+                               json_path, plot, device, depths=depths, width=width)
     if code:
         raise typer.Exit(code)
 

@@ -66,6 +66,12 @@ class Settings:
     parametrization: str
     batch_size: int
     device: str = "cpu"
+    # coord-check --depths: `widths` holds depths, every model has this width; "sp" = no depth rule
+    depth_width: Optional[int] = None
+
+    @property
+    def axis(self) -> str:
+        return "depth" if self.depth_width else "width"
 
 
 def default_widths(proxy: int, n: int = 4) -> list[int]:
@@ -288,8 +294,13 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
     """Build the model at `width`, train it s.steps steps through train.train(), probing each step."""
     seed = recipe.train.seed + seed_index
     hp = HParams.from_train(recipe.train).with_values({"lr": s.lr})
-    model, opt, plan = experiment.build(recipe, width, hp, device=s.device, seed=seed,
-                                        parametrization=s.parametrization, optimizer=s.optimizer)
+    if s.depth_width:      # a depth ladder: `width` is the depth
+        rd = experiment.at_depth(recipe, width)
+        model, opt, plan = experiment.build(rd, s.depth_width, hp, device=s.device, seed=seed, optimizer=s.optimizer,
+                                            depth_rule_on=s.parametrization == MUP)
+    else:
+        model, opt, plan = experiment.build(recipe, width, hp, device=s.device, seed=seed,
+                                            parametrization=s.parametrization, optimizer=s.optimizer)
     cfg = experiment.train_config(recipe, s.device, steps=s.steps, schedule="constant", warmup=0,
                                   grad_clip=None, grad_accum=1, eval_every=0, log_every=s.steps)
     rec = Recorder(Probe(model, x, recipe.model.output))
@@ -303,8 +314,39 @@ def measure_one(recipe: Recipe, s: Settings, width: int, seed_index: int, x: tor
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise UserError("model", f"training failed at width {width}: {type(e).__name__}: {e}") from None
-    return Run(width, seed_index, rec.records, state.diverged, state.reason, dict(rec.probe.static),
+    run_ = Run(width, seed_index, rec.records, state.diverged, state.reason, dict(rec.probe.static),
                dict(spec.values) if spec else {})
+    if s.depth_width:
+        run_ = relative_depth(run_, model, width, min(s.widths))
+    return run_
+
+
+def relative_depth(r: Run, model: nn.Module, depth: int, base: int) -> Run:
+    """A depth ladder compares blocks at the same *relative* depth: at depth L, block i of a container
+    of L blocks is kept when (i + 1) * base / L is whole and renamed to that index; other blocks are
+    dropped. (At a fixed index the stream moves less as L grows: each block carries 1/L of the change.)"""
+    containers = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == depth and n]
+
+    def rename(name: str, internals: bool = False) -> Optional[str]:
+        for c in containers:
+            if name.startswith(c + "."):
+                head, _, rest = name[len(c) + 1:].partition(".")
+                rest = rest.partition(":")
+                if not head.isdigit():
+                    return name
+                i = int(head)
+                if ((i + 1) * base) % depth or (rest[0] and not internals):
+                    return None     # inside a block the input sits at i/L, not (i+1)/L: compare block outputs
+                j = (i + 1) * base // depth - 1
+                new = f"{c}.{j}" + (f".{rest[0]}" if rest[0] else "") + (rest[1] + rest[2] if rest[1] else "")
+                return new
+        return name
+
+    recs = [{k: v for k, v in ((rename(n), v) for n, v in rec.items()) if k is not None} for rec in r.records]
+    spec = {k: v for k, v in ((rename(n, True), v) for n, v in r.spectral.items()) if k is not None}
+    att = {k: v for k, v in ((rename(n, True), v) for n, v in r.attention.items()) if k is not None}
+    return Run(r.width, r.seed, recs, r.diverged, r.reason, att, spec)
 
 
 def measure(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
@@ -520,8 +562,8 @@ def verdict(runs: list[Run], s: Settings, changes: Optional[list[tuple[str, int,
             series = [[_mean([at(rr, t) for rr in per_w[w]]) for t in range(T + 1)] for w in widths]
             last = [ser[T] for ser in series]
             present = [(w, v) for w, v in zip(widths, last) if v == v]
-            if len(present) < 2:
-                continue
+            if len(present) < 2 or (s.depth_width and len(present) < len(widths)):
+                continue        # a depth ladder judges the modules every depth has (the first blocks, the rest)
             pw = [w for w, _ in present]
             slope, tail, fl = judged(pw, [v for _, v in present], stat,
                                      start=pw.index(widths[start]) if widths[start] in pw else 0,
@@ -552,6 +594,8 @@ def verdict(runs: list[Run], s: Settings, changes: Optional[list[tuple[str, int,
     for n in params:
         for si, stat in enumerate(SPECTRAL_STATS):
             pts = [(w, spec_runs[w].spectral[n][si]) for w in widths if w in spec_runs and n in spec_runs[w].spectral]
+            if s.depth_width and len(pts) < len(widths):
+                continue
             if len(pts) < 2 or (si == 0 and all(v <= TINY for _, v in pts)):
                 continue        # a zero-initialised matrix is judged on its update only
             pw = [w for w, _ in pts]
@@ -575,4 +619,5 @@ def verdict(runs: list[Run], s: Settings, changes: Optional[list[tuple[str, int,
 
 def run(recipe: Recipe, s: Settings, on_run: Optional[Callable[[int, int], None]] = None,
         cache_dir: Optional[Path] = None) -> Result:
-    return verdict(measure(recipe, s, on_run, cache_dir), s, regime_changes(recipe, list(s.widths)))
+    changes = [] if s.depth_width else regime_changes(recipe, list(s.widths))
+    return verdict(measure(recipe, s, on_run, cache_dir), s, changes)

@@ -77,7 +77,7 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
     t.add_column("module", no_wrap=True)
     t.add_column("stat", no_wrap=True)
     for w in s.widths:
-        t.add_column(f"w={w}", justify="right")
+        t.add_column(f"{'d' if s.depth_width else 'w'}={w}", justify="right")
     t.add_column("slope", justify="right")
     t.add_column("± seeds", justify="right")
     t.add_column("verdict", no_wrap=True)
@@ -262,19 +262,37 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
                         seeds: Optional[int] = None, lr: Optional[float] = None, optimizer: Optional[str] = None,
                         parametrization: str = "mup", json_path: Optional[Path] = None,
                         plot_path: Optional[Path] = None, device: str = "cpu",
-                        console: Optional[Console] = None) -> int:
+                        console: Optional[Console] = None, depths: Optional[str] = None,
+                        width: Optional[int] = None) -> int:
     """`mutransfer coord-check`: settings, measurement with a progress bar, table, files. Returns the
     exit code: 0 nothing flagged, 1 blowup. Bad input raises UserError before any training."""
     from .experiment import check_fits, check_recipe, resolve_device, shapes_for
 
+    from .experiment import at_depth
+    if depths is not None:
+        if widths is not None:
+            raise UserError("--depths", "give --depths or --widths, not both")
+        if recipe.depths is None:
+            raise UserError("--depths", "the recipe has no depths: section")
+        ds = coord.parse_widths(depths, "--depths")
+    elif width is not None:
+        raise UserError("--width", "applies to depth ladders (--depths) only")
     ws = coord.parse_widths(widths) if widths is not None else None
-    s = coord.resolve(recipe, ws, steps, seeds, lr, optimizer, parametrization, resolve_device(device))
+    s = coord.resolve(recipe, ds if depths is not None else ws, steps, seeds, lr, optimizer, parametrization,
+                      resolve_device(device))
+    if depths is not None:
+        from dataclasses import replace
+        s = replace(s, depth_width=width or recipe.widths.proxy)
     guard(json_path, "--json", "coord-check results", [recipe.path], ".json")
     guard(plot_path, "--plot", "coord-check plot", [recipe.path], ".png")
     check_recipe(recipe)
     for w in s.widths:                # every width builds (on the meta device) and fits before anything trains
-        shapes_for(recipe, w)
-        check_fits(recipe, w, "--widths", s.device)
+        if s.depth_width:
+            shapes_for(at_depth(recipe, w), s.depth_width)
+            check_fits(at_depth(recipe, w), s.depth_width, "--depths", s.device)
+        else:
+            shapes_for(recipe, w)
+            check_fits(recipe, w, "--widths", s.device)
     with progress(s) as on_run:   # finished runs are kept in runs/<name>/coord-check/: a rerun resumes
         res = coord.run(recipe, s, on_run, cache_dir=Path("runs") / recipe.name / "coord-check")
     render(res, console)

@@ -199,3 +199,17 @@ def test_sweep_over_depths_reports_both_arms(tmp_path):
     res = cli(tmp_path, "sweep", r, "--depths", "1,2", "--widths", "16,32")
     assert res.exit_code == 2 and "--depths" in res.output
     assert math.isfinite(d["results"]["mup"]["2"]["losses"][0])
+
+
+def test_coord_check_over_depths_passes_the_rule_and_flags_no_rule(tmp_path):
+    d = yaml.safe_load(yaml.safe_dump(BASE))
+    d["widths"] = {"proxy": 32, "target": 64}
+    d["train"]["batch_size"] = 8
+    r = write(tmp_path, d)
+    res = cli(tmp_path, "coord-check", r, "--depths", "1,2,4,8", "--seeds", "1", "--json", "c.json")
+    assert res.exit_code == 0, res.output[-2000:]
+    import json
+    names = {m["name"] for m in json.loads((tmp_path / "c.json").read_text())["modules"]}
+    assert "blocks.0" in names and "blocks.3" not in names            # compared at the same relative depth
+    res = cli(tmp_path, "coord-check", r, "--depths", "1,2,4,8", "--seeds", "1", "--parametrization", "sp")
+    assert res.exit_code == 1, res.output[-2000:]
