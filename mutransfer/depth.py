@@ -49,7 +49,7 @@ def lr_ratio(base_depth: int, depth: int, alpha: float, optimizer: str) -> float
     r = depth / base_depth
     if optimizer == "sgd":
         return r ** (2 * alpha - 1)
-    if optimizer in ("adam", "adamw"):
+    if optimizer in ("adam", "adamw", "muon"):     # an update of fixed size, as Adam's
         return r ** (alpha - 1)
     raise ValueError(f"unknown optimizer {optimizer!r}")
 

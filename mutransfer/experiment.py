@@ -167,7 +167,7 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
         model_factory(recipe), width, base, hp, optimizer or recipe.train.optimizer,
         model_args(recipe), recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
         shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
-        depth=depth_rule(recipe, base_depth, depth_rule_on),
+        depth=depth_rule(recipe, base_depth, depth_rule_on), muon_params=tuple(recipe.train.muon_params),
     )
 
 
@@ -175,7 +175,7 @@ def check_fits(recipe: Recipe, width: int, where: str, device: str = "cpu") -> N
     """The model at `width` must fit: fp32 weights, gradients and optimizer state against the
     machine's memory (CPU) or the GPU's. Found on the meta device, before anything is trained."""
     numel = sum(math.prod(p.shape) for p in shapes_for(recipe, width).params.values())
-    state = {"sgd": 1 if recipe.train.momentum else 0}.get(recipe.train.optimizer, 2)
+    state = {"sgd": 1 if recipe.train.momentum else 0}.get(recipe.train.optimizer, 2)   # adam(w), muon: <= 2
     need = numel * 4 * (2 + state)
     have = None
     try:

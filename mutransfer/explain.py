@@ -34,8 +34,8 @@ class Cost:
 
 
 def optimizer_state_floats(optimizer: str, momentum: float) -> int:
-    if optimizer in ("adam", "adamw"):
-        return 2
+    if optimizer in ("adam", "adamw", "muon"):
+        return 2          # muon: at most AdamW's two (Muon keeps one momentum buffer)
     return 1 if momentum else 0
 
 
@@ -66,7 +66,7 @@ def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, param
     hp = hparams or HParams.from_train(recipe.train)
     shapes = shapes_for(recipe, width, base_width)
     plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init,
-                     depth_rule(recipe, base_depth))
+                     depth_rule(recipe, base_depth), tuple(recipe.train.muon_params))
     plan.notes.extend(replaced_init_notes(recipe, plan))
     return plan, shapes, estimate_cost(recipe, plan, width)
 
@@ -147,9 +147,10 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
         shape = _shape(tuple(p.base_shape), tuple(p.shape))
         head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
-        lay = f"{p.layout} [dim]{p.source}[/]"
+        lay = f"{p.layout} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
         fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
-               else [f"{p.role} [dim]{p.source}[/]\n[dim]{p.fan_in}→{p.fan_out}[/]"])
+               else [f"{p.role} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
+                     + f"\n[dim]{p.fan_in}→{p.fan_out}[/]"])
         t.add_row(*head, *fan, std, _fmt(p.lr), _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
     for note, i in footnotes.items():

@@ -17,7 +17,8 @@ from typing import Any
 ROLES = ("input", "hidden", "output", "vector", "fixed")
 MULTIPLIER_ROLES = ("input", "hidden", "output", "vector")
 MULTIPLIER_NAMES = tuple(f"{r}_{k}" for r in MULTIPLIER_ROLES for k in ("lr", "init", "mult"))
-SCALAR_NAMES = ("lr", "init_scale", "weight_decay", "momentum", "beta1", "beta2", "eps", "zero_readout")
+SCALAR_NAMES = ("lr", "init_scale", "weight_decay", "momentum", "beta1", "beta2", "eps", "zero_readout", "adam_lr")
+ADAM_LR_DEFAULT = 1e-3     # optimizer: muon without train.adam_lr: the AdamW LR of non-hidden parameters
 TUNABLE_NAMES = SCALAR_NAMES + MULTIPLIER_NAMES
 
 
@@ -32,6 +33,10 @@ class HParams:
     eps: float = 1e-8
     zero_readout: bool = False
     multipliers: dict[str, float] = field(default_factory=dict)
+    adam_lr: float = ADAM_LR_DEFAULT     # muon only: AdamW's LR for embeddings, readout, vectors
+    muon_momentum: float = 0.95          # muon only (not tunable here; recipe train.muon_momentum)
+    nesterov: bool = True
+    ns_steps: int = 5
 
     def mult(self, role: str, kind: str) -> float:
         """Multiplier `kind` (lr|init|mult) of `role`; 1 for roles without multipliers."""
@@ -56,6 +61,8 @@ class HParams:
         d = asdict(self)
         mults = d.pop("multipliers")
         d.update(mults)
+        for k in ("muon_momentum", "nesterov", "ns_steps"):
+            d.pop(k)
         return d
 
     @classmethod
@@ -71,4 +78,8 @@ class HParams:
             eps=train.eps,
             zero_readout=train.zero_readout,
             multipliers=dict(train.multipliers),
+            adam_lr=train.adam_lr if train.adam_lr is not None else ADAM_LR_DEFAULT,
+            muon_momentum=train.muon_momentum,
+            nesterov=train.nesterov,
+            ns_steps=train.ns_steps,
         )

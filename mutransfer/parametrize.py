@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .branches import BranchScale
+from .muon import MuonAdamW
 from .errors import UserError
 from .hparams import HParams
 from .plan import MUP, Plan, make_plan
@@ -139,9 +140,11 @@ def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
         if not p.requires_grad:
             continue
         pp = plan.params[name]
-        key = (pp.lr, pp.weight_decay, pp.eps)
+        key = (pp.lr, pp.weight_decay, pp.eps, pp.optimizer)
         g = groups.setdefault(key, {"params": [], "names": [], "lr": pp.lr, "initial_lr": pp.lr,
                                     "weight_decay": pp.weight_decay})
+        if pp.optimizer is not None:
+            g["optimizer"] = pp.optimizer
         if pp.eps is not None:
             g["eps"] = pp.eps
         g["params"].append(p)
@@ -161,6 +164,8 @@ def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Opti
         kw["fused"] = True
     elif device is None or torch.device(device).type == "cpu":
         kw["foreach"] = True   # torch defaults to a per-tensor Python loop on CPU
+    if optimizer == "muon":
+        return MuonAdamW(groups, hp, kw)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, **kw)
 
@@ -180,6 +185,7 @@ def parametrize(
     example: Any = None,
     factory_init: bool | list[str] = False,
     depth: Optional[tuple[int, int, float]] = None,
+    muon_params: tuple = (),
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
@@ -190,7 +196,7 @@ def parametrize(
     args = args or {}
     if shapes is None:
         shapes = infer_shapes(factory, args, base_width, width, layouts, example=example)
-    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init, depth)
+    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init, depth, tuple(muon_params))
     proxy_stds = None
     if any(p.init == "factory" for p in plan.params.values()):
         proxy_stds = factory_stds(factory, base_width, args, seed)

@@ -42,6 +42,7 @@ class ParamPlan:
     init_factor: Optional[float] = None
     use_layout: Optional[str] = None   # how the forward pass uses it, when a declaration overrode that
     depth_lr: Optional[float] = None   # inside a residual block: the depth rule's LR ratio (else None)
+    optimizer: Optional[str] = None    # optimizer: muon only: "muon" (hidden matrices) or "adamw" (the rest)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Plan:
                     "layout_source": p.source,
                     "init_factor": p.init_factor,
                     "depth_lr": p.depth_lr,
+                    "optimizer": p.optimizer,
                 }
                 for p in self.params.values()
             ],
@@ -126,7 +128,7 @@ def weight_decay(wd: float, global_lr: float, group_lr: float, m: float, optimiz
 
 def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP,
               factory_init: Union[bool, list[str]] = False,
-              depth: Optional[tuple[int, int, float]] = None) -> Plan:
+              depth: Optional[tuple[int, int, float]] = None, muon_params: tuple = ()) -> Plan:
     """The per-parameter plan at shapes.width, relative to shapes.base_width.
 
     factory_init (True, or globs of parameter names): keep the factory's own initialisation at the
@@ -141,7 +143,9 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         raise ValueError(f"unknown optimizer {optimizer!r}")
     if parametrization not in (MUP, SP):
         raise ValueError(f"unknown parametrization {parametrization!r}")
-    adam = optimizer in (spectral.ADAM, spectral.ADAMW)
+    muon = optimizer == spectral.MUON
+    opt_rules = spectral.ADAMW if muon else optimizer     # everything Muon does not update is AdamW's
+    adam = opt_rules in (spectral.ADAM, spectral.ADAMW)
     globs = [] if isinstance(factory_init, bool) else list(factory_init)
     for g in globs:
         if not any(fnmatch.fnmatchcase(n, g) for n in shapes.params):
@@ -151,14 +155,14 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     notes: list[str] = []
     in_block = shapes.branches.block_params(shapes.params) if (depth and shapes.branches) else {}
     if depth:
-        d_lr = depth_rule.lr_ratio(depth[0], depth[1], depth[2], optimizer)
+        d_lr = depth_rule.lr_ratio(depth[0], depth[1], depth[2], opt_rules)
         d_eps = depth_rule.eps_ratio(depth[0], depth[1], depth[2])
         d_l2 = depth_rule.l2_ratio(depth[0], depth[1], depth[2])
     for name, s in shapes.params.items():
         role = s.role
         base_fans, fans = (s.base_fan_in, s.base_fan_out), (s.fan_in, s.fan_out)
         if parametrization == MUP:
-            std_r, lr_r, eps_r = spectral.ratios(base_fans, fans, optimizer)
+            std_r, lr_r, eps_r = spectral.ratios(base_fans, fans, opt_rules)
         else:
             std_r, lr_r, eps_r = math.sqrt(s.base_fan_in / s.fan_in), 1.0, 1.0
         m = hp.mult(role, "mult")
@@ -173,18 +177,35 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         else:
             std = None
         blk = name in in_block
-        lr = hp.lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r * (d_lr if blk else 1.0)
-        eps = hp.eps * eps_r / m * (d_eps if blk else 1.0) if adam else None
-        wd = weight_decay(hp.weight_decay, hp.lr, lr, m, optimizer,
-                          (spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
-                          * (d_l2 if blk else 1.0))
+        by_muon = muon and len(s.shape) == 2 and s.layout in ("out_in", "in_out") and (
+            role == "hidden" or (role in ("input", "output") and any(fnmatch.fnmatchcase(name, g) for g in muon_params)))
+        base_lr = hp.adam_lr if muon and not by_muon else hp.lr
+        if by_muon:
+            # Muon's step: effective eta = group lr x torch's shape factor; the rule sets the effective eta
+            # ~ sqrt(fan_out/fan_in) relative to the proxy, where the group lr is the plain value
+            plain = hp.lr * hp.mult(role, "lr") * m
+            if parametrization == MUP:
+                eff = plain * spectral.torch_muon_factor(s.base_shape) * (
+                    spectral.muon_lr_scale(*fans) / spectral.muon_lr_scale(*base_fans))
+                lr = eff / spectral.torch_muon_factor(s.shape)
+            else:
+                lr = plain
+            lr *= (d_lr if blk else 1.0)
+            eps = None
+            wd = spectral.independent_weight_decay(hp.weight_decay, hp.lr, lr)
+        else:
+            lr = base_lr * hp.mult(role, "lr") * (m if adam else m * m) * lr_r * (d_lr if blk else 1.0)
+            eps = hp.eps * eps_r / m * (d_eps if blk else 1.0) if adam else None
+            wd = weight_decay(hp.weight_decay, base_lr, lr, m, opt_rules,
+                              (spectral.l2_ratio(base_fans, fans) if parametrization == MUP else 1.0)
+                              * (d_l2 if blk else 1.0))
         note = spectral.mup_departure(role, *fans)     # the target's own fans only
         if name in tied_params:
             note = ("tied: embedding rule; the readout's input is multiplied by 1/width in the forward pass "
                     "(its input is aligned with the table)")
         out[name] = ParamPlan(name, s.shape, s.base_shape, role, s.kind, s.fan_in, s.fan_out,
                               init, std, lr, wd, eps, note, s.layout, s.source, factor, s.use_layout,
-                              (d_lr if blk else None))
+                              (d_lr if blk else None), ("muon" if by_muon else "adamw") if muon else None)
 
     readout_mults: dict[str, float] = {}
     for mod_name, pname in shapes.tied_readouts.items():

@@ -127,7 +127,7 @@ class Widths(_Strict):
 
 
 class Train(_Strict):
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adam", "adamw", "muon"] = "adamw"
     lr: float = Field(gt=0)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -147,6 +147,22 @@ class Train(_Strict):
     eval_every: int = Field(default=0, ge=0)
     eval_batches: int = Field(default=4, ge=1)
     log_every: int = Field(default=10, ge=1)
+    # optimizer: muon (hidden matrices by torch.optim.Muon, the rest by AdamW)
+    adam_lr: Optional[float] = Field(default=None, gt=0)     # AdamW's LR (default 1e-3)
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(default=5, ge=1, le=20)
+    # more 2-D matrices for Muon than the hidden ones (globs; e.g. a bottleneck width -> 32)
+    muon_params: list[str] = Field(default_factory=list)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _muon_available(cls, v):
+        if v == "muon":
+            import torch
+            if not hasattr(torch.optim, "Muon"):
+                raise ValueError(f"muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        return v
 
     @field_validator("betas")
     @classmethod

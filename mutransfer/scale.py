@@ -190,6 +190,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
     if o.fsdp and not d.enabled:
         raise UserError("--fsdp", "FSDP needs several processes: launch with torchrun --nproc-per-node N")
+    if o.fsdp and t.optimizer == "muon":
+        raise UserError("--fsdp", "optimizer: muon orthogonalises whole matrices, which FSDP2 shards across "
+                        "processes; use DDP (no --fsdp) with muon")
     dep = experiment.depth_of(recipe)
     default_out = Path(o.runs_dir) / recipe.name / (f"scale-{width}" + (f"-d{dep}" if dep is not None else ""))
     out = check_out_dir(Path(o.out) if o.out else default_out, "--out")

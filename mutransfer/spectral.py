@@ -26,7 +26,8 @@ import math
 SGD = "sgd"
 ADAM = "adam"
 ADAMW = "adamw"
-OPTIMIZERS = (SGD, ADAM, ADAMW)
+MUON = "muon"
+OPTIMIZERS = (SGD, ADAM, ADAMW, MUON)
 
 
 def _check(fan_in: int, fan_out: int) -> None:
@@ -41,13 +42,40 @@ def init_std(fan_in: int, fan_out: int) -> float:
 
 
 def lr_scale(fan_in: int, fan_out: int, optimizer: str) -> float:
-    """Width-dependence of the learning rate: fan_out/fan_in for SGD, 1/fan_in for Adam(W)."""
+    """Width-dependence of the learning rate: fan_out/fan_in for SGD, 1/fan_in for Adam(W), and for
+    Muon the effective step size of the orthogonalised update, sqrt(fan_out/fan_in) (muon_lr_scale)."""
     _check(fan_in, fan_out)
     if optimizer == SGD:
         return fan_out / fan_in
     if optimizer in (ADAM, ADAMW):
         return 1.0 / fan_in
+    if optimizer == MUON:
+        return muon_lr_scale(fan_in, fan_out)
     raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+
+
+def muon_lr_scale(fan_in: int, fan_out: int) -> float:
+    """Muon's update O (Newton-Schulz orthogonalised momentum) has all singular values ~1, so
+    ||dW||_2 = eta_eff * ||O||_2 = eta_eff: the spectral condition ||dW||_2 ~ sqrt(fan_out/fan_in) asks
+    for an effective step eta_eff ~ sqrt(fan_out/fan_in), unclamped. Published scales, for comparison:
+    Keller Jordan's sqrt(max(1, out/in)) (torch's adjust_lr_fn="original") clamps the branch where
+    out < in (a readout-like or down-projection matrix then gets too large a step as width grows in
+    the input dim); Moonshot's 0.2 sqrt(max(out, in)) matches AdamW's update RMS, which grows with width
+    (an AdamW-style, not spectral, scale)."""
+    _check(fan_in, fan_out)
+    return math.sqrt(fan_out / fan_in)
+
+
+def torch_muon_factor(shape: tuple[int, ...], adjust_lr_fn: str | None = None) -> float:
+    """The factor torch.optim.Muon multiplies a group's LR by for a parameter of `shape` (it cannot be
+    switched off): "original" sqrt(max(1, A/B)) or "match_rms_adamw" 0.2 sqrt(max(A, B)), (A, B) =
+    shape[:2]. The plan divides it out so that the product is the rule's step."""
+    a, b = shape[0], shape[1]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(a, b))
+    return 1.0
 
 
 def eps_scale(fan_in: int, fan_out: int) -> float:
