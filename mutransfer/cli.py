@@ -50,6 +50,8 @@ def handle_errors(fn):
     def wrapper(*a, **kw):
         try:
             with terminate_raises():
+                from .threads import configure
+                configure()           # threads from the CPUs this process may use (affinity), not the machine's
                 return fn(*a, **kw)
         except UserError as e:
             err.print(f"[red]error:[/] {e.where}: {e.message}" if e.where else f"[red]error:[/] {e.message}",
@@ -87,11 +89,12 @@ def tune(
     plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): trials there too"),
     depth: Optional[int] = typer.Option(None, help="depth to tune at (recipes with depths:; default depths.proxy)"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: a GPU when there is one)"),
 ):
     """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
     from .tuning import tune_command
 
-    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth)
+    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth, device)
     if code:
         raise typer.Exit(code)
 
@@ -157,7 +160,7 @@ def coord_check(
     parametrization: str = typer.Option("mup", help="mup | sp (the control)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the measurements and verdict as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per statistic"),
-    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: a GPU when there is one)"),
     depths: Optional[str] = typer.Option(None, help="comma-separated depths: a depth ladder at a fixed width"),
     width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
 ):
@@ -183,7 +186,7 @@ def sweep(
     steps: Optional[int] = typer.Option(None, help="training steps per point (default sweep.steps or train.steps)"),
     batch_size: Optional[int] = typer.Option(None, help="batch size (default sweep.batch_size or train.batch_size)"),
     workers: int = typer.Option(1, help="parallel worker processes"),
-    device: str = typer.Option("cpu", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: a GPU when there is one)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results, optima and drift as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per parametrization"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): grid points there too"),

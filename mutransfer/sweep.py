@@ -29,6 +29,7 @@ from .atomic import write_json
 from .outputs_guard import check_output as guard, marker
 from .loggers import Loggers, check_kinds
 from .signals import available_cpus
+from .threads import choose as threads_choose
 from .errors import UserError
 from .hparams import MULTIPLIER_NAMES
 from .recipe import Recipe, recipe_to_dict
@@ -325,7 +326,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
             for p in todo:
                 done(p, _run_and_store(recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp, device))
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = threads_choose(workers)     # the CPUs this process may use, shared by the workers
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex, \
                     _sigterm_as_interrupt():
                 futs = {ex.submit(_run_and_store, recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp,

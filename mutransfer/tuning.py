@@ -42,6 +42,7 @@ from .loggers import Loggers, check_kinds
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
+from .threads import choose as threads_choose
 from .study import (JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file,
                     storage_lock, check_journal_file, journal_path, release_connections)
 from .train import State, evaluate, train
@@ -65,6 +66,7 @@ class TuneOptions:
     threads: int = 0           # torch threads per worker (0: torch's default)
     log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
     depth: Optional[int] = None  # the depth tuned at (recipes with depths:; default depths.proxy)
+    device: str = "cpu"          # trials' device: cpu | cuda | cuda:N (workers on several GPUs: one each)
 
 
 # ---------------------------------------------------------------- options ---------------------------------
@@ -104,7 +106,7 @@ def _check_params(recipe: Recipe) -> None:
 def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
                  storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
                  out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
-                 log: tuple = (), depth: Optional[int] = None) -> TuneOptions:
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu") -> TuneOptions:
     """Flags over the recipe, validated (UserError naming the flag or field)."""
     if trials is not None and trials <= 0:
         raise UserError("--trials", "must be > 0")
@@ -113,7 +115,12 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
     if workers <= 0:
         raise UserError("--workers", "must be > 0")
     cpus_avail = available_cpus()
-    if workers > cpus_avail:
+    device = experiment.resolve_device(device)
+    if device.startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if workers > max(1, gpus) * 8:
+            raise UserError("--workers", f"{workers} workers for {gpus} GPU(s): at most 8 per GPU")
+    elif workers > cpus_avail:
         raise UserError("--workers", f"{workers} workers but only {cpus_avail} CPUs are available to this process")
     if study_name is not None and not study_name.strip():
         raise UserError("--study-name", "must not be empty")
@@ -124,14 +131,20 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
     check_output(out or default_path(recipe.name), "--out", "hparams", protect)
     check_output(plot, "--plot", "tune plot", protect, suffix=".png")
     _check_params(recipe)
-    cpus = cpus_avail
     return TuneOptions(
         recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
         storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
         out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
-        threads=max(1, cpus // workers) if workers > 1 else 0, log=tuple(check_kinds(list(log))),
-        depth=_tune_depth(recipe, depth),
+        threads=threads_choose(workers) if workers > 1 else 0, log=tuple(check_kinds(list(log))),
+        depth=_tune_depth(recipe, depth), device=device,
     )
+
+
+def worker_device(device: str, worker: int) -> str:
+    """Worker k's device: with several GPUs, one GPU per worker (round robin)."""
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{worker % torch.cuda.device_count()}"
+    return device
 
 
 def _tune_depth(recipe: Recipe, depth: Optional[int]) -> Optional[int]:
@@ -313,7 +326,7 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
         fail_stale(study, grace)
         if count_finished(study) >= opts.trials:
             return study
-        objective = objective or Objective(recipe, opts.width)
+        objective = objective or Objective(recipe, opts.width, worker_device(opts.device, worker))
         study.optimize(run, n_trials=1, catch=(), gc_after_trial=False)
         if on_trial is not None:
             on_trial(study)
@@ -503,10 +516,11 @@ def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
 
 def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
                  study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
-                 log: tuple = (), depth: Optional[int] = None) -> int:
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu") -> int:
     """The CLI's `tune`: load and validate, then tune()."""
     recipe = load_recipe(recipe_path)
-    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth)
+    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth,
+                        device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tune(opts, recipe)
