@@ -93,7 +93,15 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--whole-process", action="store_true",
+                    help="also time whole processes: `mutransfer coord-check` against a script calling get_coord_data")
+    ap.add_argument("--mup-only", action="store_true", help=argparse.SUPPRESS)   # the mup child process
     a = ap.parse_args(argv)
+    if a.mup_only:
+        torch.set_num_threads(1)
+        warnings.simplefilter("ignore")
+        run_mup([int(w) for w in a.widths.split(",")], a.steps + 1, a.seeds, a.lr, a.batch_size, 64)
+        return
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     widths = [int(w) for w in a.widths.split(",")]
@@ -121,8 +129,41 @@ def main(argv=None) -> None:
               f"   (wall runs: {', '.join(f'{t:.3f}' for t in wall[k])})")
     ours_w, ours_c = statistics.median(wall["mutransfer"]), statistics.median(cpu["mutransfer"])
     for k in list(jobs)[1:]:
-        print(f"ratio mutransfer / {k}: wall {ours_w / statistics.median(wall[k]):.2f}x, "
+        print(f"in-process ratio mutransfer / {k}: wall {ours_w / statistics.median(wall[k]):.2f}x, "
               f"cpu {ours_c / statistics.median(cpu[k]):.2f}x (goal <= 1.0x)")
+    if a.whole_process:
+        whole(a)
+
+
+def whole(a) -> None:
+    """Whole processes, imports and startup included: the CLI on a recipe file (fresh cache folder each
+    time) against `python bench/coord_check.py --mup-only` (mup's get_coord_data at the same measured
+    time points), both with one thread, interleaved, medians."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-coord-"))
+    rec = recipe(a.lr, a.batch_size).model_dump(mode="json")
+    import yaml
+    (tmp / "r.yaml").write_text(yaml.safe_dump(rec))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    ours = [sys.executable, "-m", "mutransfer.cli", "coord-check", "r.yaml", "--widths", a.widths, "--steps",
+            str(a.steps), "--seeds", str(a.seeds), "--device", "cpu"]
+    theirs = [sys.executable, str(Path(__file__).resolve()), "--mup-only", "--widths", a.widths, "--steps",
+              str(a.steps), "--seeds", str(a.seeds), "--lr", str(a.lr), "--batch-size", str(a.batch_size)]
+    times: dict[str, list[float]] = {"mutransfer": [], "mup": []}
+    for _ in range(a.repeats):
+        for k, cmd in (("mutransfer", ours), ("mup", theirs)):
+            shutil.rmtree(tmp / "runs", ignore_errors=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, check=False)
+            times[k].append(time.perf_counter() - t0)
+    mt, mp = statistics.median(times["mutransfer"]), statistics.median(times["mup"])
+    print(f"whole process: mutransfer coord-check {mt:.2f} s, mup script {mp:.2f} s, "
+          f"ratio {mt / mp:.2f}x (goal <= 1.0x)")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
