@@ -45,15 +45,19 @@ def check_output(path: Optional[str | Path], flag: str, purpose: str, protect: I
     if p.exists() and not _carries(p, purpose):
         raise UserError(flag, f"{p} exists and is not a {purpose} file written by mutransfer; "
                         "refusing to overwrite it (remove it or choose another path)")
-    parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
+    _writable(p.parent if str(p.parent) else Path("."), flag)
+    return p
+
+
+def _writable(folder: Path, flag: str) -> None:
+    """The nearest existing folder at or above `folder` must be a directory we can write to."""
+    probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise UserError(flag, f"{probe} is not a directory")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(flag, f"cannot write to {probe}")
-    return p
 
 
 def check_out_dir(path: str | Path, flag: str) -> Path:
@@ -61,11 +65,5 @@ def check_out_dir(path: str | Path, flag: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(flag, f"{p} is a file, not a directory")
-    probe = p
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UserError(flag, f"{probe} is not a directory")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(flag, f"cannot write to {probe}")
+    _writable(p, flag)
     return p

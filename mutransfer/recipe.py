@@ -441,7 +441,7 @@ def load_yaml(path: str | Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(str(p), f"cannot read file ({e})") from None
     except RecursionError:
-        raise UserError(str(p), f"unreadable YAML (nested too deeply)") from None
+        raise UserError(str(p), "unreadable YAML (nested too deeply)") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from collections import deque
@@ -435,7 +434,6 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
           json_path: Optional[Path] = None, plot_path: Optional[Path] = None, progress: bool = True,
           console=None) -> tuple[dict, int]:
     """Run (or read back) the grid, print the table and verdict, write JSON/PNG. Returns (summary, exit code)."""
-    from rich.console import Console
     from rich.table import Table
 
     if workers < 1:

@@ -174,7 +174,7 @@ class UseTracer(TorchFunctionMode):
                 return
         # ---- uses
         if fn == "linear":
-            x, w = args[0], (args[1] if len(args) > 1 else kwargs.get("weight"))
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             ow, ob = self.origin(w), self.origin(b)
             if ow is not None:

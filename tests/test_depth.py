@@ -2,20 +2,20 @@
 transformers GPT-2 and Llama, a user's block), the proxy depth is the plain model, the multipliers
 act as the plan says, and the mistakes a user can make are one line, exit 2."""
 import math
-import os
 
 import pytest
 import torch
 import yaml
 from torch import nn
-from typer.testing import CliRunner
 
 from mutransfer import depth as rule
 from mutransfer import experiment
 from mutransfer.branches import find_branches
-from mutransfer.cli import app
 from mutransfer.models import gpt, resmlp
 from mutransfer.recipe import parse_recipe
+
+from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 
 
 def test_rule_by_hand():
@@ -138,14 +138,7 @@ def test_deep_plan_and_multipliers(optimizer, alpha):
     assert torch.allclose(seen["out"], inner["out"] * m)           # (the multiplier's hook runs first)
 
 
-def cli(tmp, *args):
-    old = os.getcwd()
-    os.chdir(tmp)
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
+cli = cli_in
 
 def write(tmp, d):
     p = tmp / "r.yaml"

@@ -19,6 +19,10 @@ from mutransfer.cli import app
 from mutransfer.models import gpt
 from mutransfer.recipe import load_recipe
 from mutransfer.train import evaluate
+import sys as _sys
+_sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+from helpers import cli_in  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +39,7 @@ def write_recipe(tmp: Path, tied: bool) -> Path:
     return p
 
 
-def cli(tmp: Path, *args):
-    old = os.getcwd()
-    os.chdir(tmp)
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
+cli = cli_in
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_load_and_export_reproduce_the_runs_validation_loss(tmp_path, tied):

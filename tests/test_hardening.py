@@ -14,14 +14,16 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from mutransfer import atomic
-from mutransfer.cli import app, main
+from mutransfer.cli import main
 from mutransfer.recipe import resolve_factory
 from mutransfer.scale import RunLock
 from mutransfer.study import open_storage, repair_journal
 from mutransfer.sweep import Point
+
+from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
@@ -48,16 +50,7 @@ def snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def cli(tmp: Path, *args):
-    """The console script in-process (one-line usage errors included), from `tmp`."""
-    old = os.getcwd()
-    os.chdir(tmp)
-    try:
-        res = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-    return res
-
+cli = cli_in
 
 def one_line_exit_2(res, *needles):
     assert res.exit_code == 2, res.output

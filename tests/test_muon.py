@@ -2,20 +2,19 @@
 (slopes, a fixed-dimension matrix included), the proxy equal to plain torch Muon + AdamW, bit-exact
 resume through scale, and the commands end to end."""
 import copy
-import math
-import os
 
 import pytest
 import torch
 import yaml
 from torch import nn
-from typer.testing import CliRunner
 
 from mutransfer import spectral
-from mutransfer.cli import app
 from mutransfer.coord import loglog_slope
 from mutransfer.hparams import HParams
 from mutransfer.parametrize import parametrize
+
+from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
@@ -95,14 +94,7 @@ BASE = {"name": "mu", "model": {"factory": "builtin:gpt", "args": {"layers": 1, 
                                            "adam_lr": {"low": 1e-3, "high": 1e-2, "log": True}}}}
 
 
-def cli(tmp, *args):
-    old = os.getcwd()
-    os.chdir(tmp)
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
+cli = cli_in
 
 def test_muon_end_to_end_and_bit_exact_resume(tmp_path):
     r = tmp_path / "r.yaml"

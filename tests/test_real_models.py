@@ -3,22 +3,22 @@ Hugging Face GPT-2 / Llama / ViT built from configs), tied LMs whose logits stay
 model.output, the factory's own init, and the hf: recipes end to end."""
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from mutransfer import coord, experiment
-from mutransfer.cli import app
 from mutransfer.hparams import HParams
 from mutransfer.models import gpt
 from mutransfer.parametrize import parametrize
 from mutransfer.recipe import parse_recipe
 from mutransfer.shapes import infer_shapes
+
+from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
+
 
 sys.path.insert(0, str(Path(__file__).parent))   # real_models, for "real_models:NAME" factories
 import real_models  # noqa: E402
@@ -182,14 +182,7 @@ def _write(tmp_path, name, model, args, data=None, **model_extra):
     return p
 
 
-def _cli(tmp_path, *args):
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
+_cli = cli_in
 
 def _files(tmp_path):
     return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
