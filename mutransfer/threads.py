@@ -20,9 +20,12 @@ def choose(workers: int = 1, explicit: Optional[int] = None) -> int:
 
 
 def configure(workers: int = 1, explicit: Optional[int] = None) -> int:
+    """Set torch's threads for this process. Without `explicit`, only ever *lowers* the count (torch's
+    default is the machine's cores, which oversubscribes a process restricted to fewer): a count the
+    caller chose (a library user, a test, OMP_NUM_THREADS) is never raised."""
     import torch
 
     n = choose(workers, explicit)
-    if torch.get_num_threads() != n:
+    if explicit or torch.get_num_threads() > n:
         torch.set_num_threads(n)
-    return n
+    return torch.get_num_threads()

@@ -377,3 +377,19 @@ def test_huge_widths_are_refused_before_a_study_or_cache_exists(tmp_path):
     one_line_exit_2(cli(tmp_path, "tune", r, "--width", "1000000000"), "--width")
     one_line_exit_2(cli(tmp_path, "coord-check", r, "--widths", "8,1000000000"), "--widths")
     assert not (tmp_path / "runs").exists()
+
+
+def test_threads_follow_the_affinity_and_are_never_raised(monkeypatch):
+    import torch
+    from mutransfer import threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)
+    assert threads.choose(workers=2) == 2 and threads.choose(explicit=3) == 3
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert threads.configure() == 1                 # a caller's lower choice stays
+        torch.set_num_threads(8)
+        assert threads.configure() == 4                 # more than the affinity allows: lowered
+    finally:
+        torch.set_num_threads(old)
