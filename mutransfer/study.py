@@ -12,6 +12,7 @@ Storages:
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import time
 import warnings
@@ -182,15 +183,27 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
         except OSError as e:
             raise UserError("--storage", f"cannot create the directory of {str(db)!r}: {e}") from None
         engine_kwargs = {"connect_args": {"timeout": 60}}   # concurrent local workers wait for the lock
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace)
-    except ImportError as e:
-        raise UserError("--storage", f"the driver for {url.split(':', 1)[0]!r} is not installed ({e})") from None
-    except Exception as e:  # noqa: BLE001 - sqlalchemy's many URL / connection errors
-        raise UserError("--storage", f"cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    for attempt in range(8):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval, grace_period=grace)
+        except ImportError as e:
+            raise UserError("--storage", f"the driver for {url.split(':', 1)[0]!r} is not installed ({e})") from None
+        except Exception as e:  # noqa: BLE001 - sqlalchemy's many URL / connection errors
+            # two processes creating the schema of a new database at once (a server: no file to lock):
+            # the loser sees "already exists" / a unique violation; the tables are there on a retry
+            if attempt < 7 and creation_race(e):
+                time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
+                continue
+            raise UserError("--storage", f"cannot open {url!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+def creation_race(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return any(k in text for k in ("already exists", "uniqueviolation", "duplicate key", "unique constraint"))
 
 
 def backend(study: optuna.Study):

@@ -44,7 +44,7 @@ from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
 from .threads import choose as threads_choose
 from .study import (JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file,
-                    storage_lock, check_journal_file, journal_path, release_connections)
+                    storage_lock, check_journal_file, journal_path, release_connections, creation_race)
 from .train import State, evaluate, train
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
@@ -210,11 +210,17 @@ def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Stu
         want["depth"] = opts.depth
     with storage_lock(opts.storage):    # two tunes on a new SQLite file: one creates, the other loads
         storage = open_storage(opts.storage, recipe.search.heartbeat)
-        try:
-            study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
-                                        load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
-        except ValueError as e:   # e.g. an existing multi-objective study of that name
-            raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
+        for attempt in range(8):
+            try:
+                study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
+                                            load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
+                break
+            except ValueError as e:   # e.g. an existing multi-objective study of that name
+                raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a database server: two processes creating at once
+                if attempt == 7 or not creation_race(e):
+                    raise
+                time.sleep(0.2 + 0.3 * attempt)
         have = study.user_attrs
         if not have:
             for k, v in want.items():
