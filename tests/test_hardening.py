@@ -260,8 +260,10 @@ def test_sigterm_to_tune_with_workers_stops_them_and_writes_hparams(tmp_path):
 
 def test_sigterm_is_exit_130_for_coord_check(tmp_path):
     r = recipe(tmp_path)
-    proc = spawn(tmp_path, "coord-check", r, "--widths", "16,32,64,128,256,512,1024", "--steps", "200", "--seeds", "3")
-    time.sleep(4)
+    proc = spawn(tmp_path, "coord-check", r, "--widths", "16,32,64,128,256,512,1024", "--steps", "400", "--seeds", "3")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob("runs/tiny/coord-check/*/w*.json")):
+        time.sleep(0.1)              # the first (width, seed) is finished: the check is under way
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
