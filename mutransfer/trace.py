@@ -261,6 +261,9 @@ class UseTracer(TorchFunctionMode):
             return d if out.shape == t.shape else None
         if fn in _SCALE and len(args) == 2 and isinstance(args[1], (int, float)):
             return d
+        if fn in ("add", "__add__", "__radd__", "sub", "__sub__", "__rsub__") and len(args) == 2 \
+                and isinstance(args[1], (int, float)):
+            return d            # w + 1 (Gemma's zero-centred gain), 1 - w: still the parameter's own shape
         if fn in ("t", "__get__:T", "__get__:mT", "__get__:H", "__get__:mH", "adjoint"):
             if len(d) < 2:
                 return d

@@ -305,3 +305,24 @@ def test_builtin_byte_batches_are_contiguous():
     x, y = next(iter(experiment.BUILTIN_DATA["pysource"](batch_size=2, seed=0)))
     assert x.is_contiguous() and y.is_contiguous()
     y.view(-1)
+
+
+class ZeroCentredGain(torch.nn.Module):
+    """Gemma's RMSNorm gain: stored zero-centred, used as x * (1 + w)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, width)
+        self.g = torch.nn.Parameter(torch.zeros(width))
+        self.out = torch.nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.out(self.inp(x) * (1.0 + self.g.float()))
+
+
+def test_zero_centred_gain_is_traced_and_keeps_its_zeros():
+    s = infer_shapes(lambda width: ZeroCentredGain(width), {}, 16, 64, example=torch.randn(2, 8))
+    assert (s.params["g"].layout, s.params["g"].source, s.params["g"].role) == ("vector", "traced", "vector")
+    model, _, plan = parametrize(lambda width: ZeroCentredGain(width), width=64, base_width=16,
+                                 example=torch.randn(2, 8))
+    assert plan.params["g"].init == "keep" and torch.count_nonzero(model.g) == 0
