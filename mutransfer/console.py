@@ -13,3 +13,27 @@ def make_console(stderr: bool = False, **kw) -> Console:
     if not c.is_terminal:
         c = Console(stderr=stderr, soft_wrap=True, width=PIPED_WIDTH, **kw)
     return c
+
+
+class PlainLines:
+    """Progress for logs: when `console` is not a terminal, one plain line per unit of work finished
+    (what, done/total, elapsed, ETA from the mean time per unit); on a terminal it prints nothing (the
+    rich bar shows the same)."""
+
+    def __init__(self, console: Console, what: str, total: int, done: int = 0):
+        import time
+        self.console, self.what, self.total, self.start_done = console, what, total, done
+        self.t0 = time.perf_counter()
+        self.last = done
+
+    def update(self, done: int, info: str = "") -> None:
+        import time
+        if self.console.is_terminal or done == self.last:
+            return
+        self.last = done
+        el = time.perf_counter() - self.t0
+        n = done - self.start_done
+        eta = el / n * max(0, self.total - done) if n > 0 else float("nan")
+        fmt = (lambda s: "-:--:--" if s != s else f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}")
+        self.console.print(f"{self.what} {done}/{self.total}" + (f" {info}" if info else "")
+                           + f" elapsed {fmt(el)} eta {fmt(eta)}", highlight=False, soft_wrap=True)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .console import make_console
+from .console import PlainLines, make_console
 from .atomic import write_via
 from . import coord
 from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
@@ -46,10 +46,14 @@ def progress(s: Settings, console: Optional[Console] = None) -> Iterator:
     with Progress(TextColumn("coord-check"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console or make_console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"width {s.widths[0]}", total=total)
+        task = bar.add_task(f"{s.axis} {s.widths[0]}", total=total)
+        plain = PlainLines(bar.console, "coord-check: runs", total)
+        count = [0]
 
         def on_run(width: int, seed: int) -> None:
-            bar.update(task, advance=1, description=f"width {width} seed {seed} done")
+            count[0] += 1
+            bar.update(task, advance=1, description=f"{s.axis} {width} seed {seed} done")
+            plain.update(count[0], f"({s.axis} {width} seed {seed})")
         yield on_run
 
 

@@ -342,7 +342,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         _print_summary(summary, say)
         if lock is not None:
             lock.release()
-    return ScaleResult(code, summary)
+    D.barrier(d)     # every rank leaves together: a rank tearing down its process group while another
+    return ScaleResult(code, summary)   # still writes made gloo abort ("terminate called ...") now and then
 
 
 SCALE_FILES = ("recipe.yaml", "hparams.yaml", "plan.json", "versions.json", "summary.json")

@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
-from .console import make_console
+from .console import PlainLines, make_console
 from .atomic import write_json
 from .outputs_guard import check_output as guard, marker
 from .loggers import Loggers, check_kinds
@@ -314,12 +314,15 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
             TextColumn("{task.description}"))
     with Progress(*cols, disable=not progress, transient=False) as bar:
         task = bar.add_task("", total=len(cfg.points()), completed=len(results))
+        plain = PlainLines(bar.console, "sweep: points", len(cfg.points()), len(results)) if progress else None
 
         def done(p: Point, rec: dict) -> None:
             results[p] = rec
             loss = "failed" if rec.get("error") else "diverged" if rec["loss"] is None else f"{rec['loss']:.4f}"
-            bar.update(task, advance=1,
-                       description=f"{LABEL[p.parametrization]} w={p.width} {cfg.param}={p.value:.3g}: {loss}")
+            desc = f"{LABEL[p.parametrization]} {cfg.axis[0]}={p.width} {cfg.param}={p.value:.3g}: {loss}"
+            bar.update(task, advance=1, description=desc)
+            if plain is not None:
+                plain.update(len(results), desc)
 
         if workers <= 1 or len(todo) <= 1:
             for p in todo:

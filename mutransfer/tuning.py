@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 from rich.table import Table
 
-from .console import make_console
+from .console import PlainLines, make_console
 from . import experiment
 from .errors import UserError
 from .outputs_guard import check_output
@@ -376,7 +376,8 @@ def _best_text(study: optuna.Study) -> str:
     return f"best val loss {min(t.value for t in good):.4g}" if good else "best val loss -"
 
 
-def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Study) -> list[int]:
+def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Study,
+                       plain: Optional[PlainLines] = None) -> list[int]:
     """Spawn opts.workers processes on the same storage; poll it for the progress bar; their exit codes."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_entry, args=(asdict(opts), i), daemon=False) for i in range(opts.workers)]
@@ -387,6 +388,8 @@ def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Stu
             for p in procs:
                 p.join(timeout=1.0 / len(procs))
             bar.update(task, completed=min(opts.trials, count_finished(study)), best=_best_text(study))
+            if plain is not None:
+                plain.update(min(opts.trials, count_finished(study)), _best_text(study))
     except KeyboardInterrupt:
         # the interrupt may have landed inside one of our storage reads: drop this process's database
         # connections so that no lock we hold keeps the workers from recording their last trial
@@ -478,12 +481,18 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
     with _progress(console) as bar:
         task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study),
                             start_done=min(done, opts.trials))
+        plain = PlainLines(console, "tune: trials", opts.trials, min(done, opts.trials))
+
+        def on_trial(s: optuna.Study) -> None:
+            n, best = min(opts.trials, count_finished(s)), _best_text(s)
+            bar.update(task, completed=n, best=best)
+            plain.update(n, best)
+
         try:
             if opts.workers == 1:
-                run_worker(opts, recipe, 0, on_trial=lambda s: bar.update(
-                    task, completed=min(opts.trials, count_finished(s)), best=_best_text(s)), study=study)
+                run_worker(opts, recipe, 0, on_trial=on_trial, study=study)
             else:
-                codes = _run_local_workers(opts, bar, task, study)
+                codes = _run_local_workers(opts, bar, task, study, plain)
                 bad = [c for c in codes if c not in (0, None)]
                 if bad:
                     console.print(f"[red]{len(bad)} of {opts.workers} workers failed[/] (exit codes {bad})")

@@ -158,3 +158,21 @@ def test_python_tune_api_with_a_user_loop_resumes(tmp_path):
     with pytest.raises(mutransfer.UserError, match="space.nope"):
         mutransfer.tune(mlp, train_fn, {"nope": {"low": 1, "high": 2}}, width=16, trials=1, storage=url)
     assert optuna.load_study(study_name="api", storage=url)
+
+
+def test_piped_tune_sweep_and_coord_check_print_plain_progress_lines(tmp_path):
+    r = write_recipe(tmp_path, False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "mutransfer.cli", *map(str, args)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        return out.stdout + out.stderr
+
+    assert [ln.split()[2] for ln in run("tune", r).splitlines() if ln.startswith("tune: trials")] == ["1/2", "2/2"]
+    lines = [ln for ln in run("sweep", r, "--widths", "16,32", "--lrs", "0.01", "--steps", "2",
+                              "--parametrization", "mup").splitlines() if ln.startswith("sweep: points")]
+    assert len(lines) == 2 and all("eta" in ln for ln in lines)
+    lines = [ln for ln in run("coord-check", r, "--widths", "16,32", "--steps", "1", "--seeds", "1").splitlines()
+             if ln.startswith("coord-check: runs")]
+    assert len(lines) == 2
