@@ -112,7 +112,10 @@ def test_muon_end_to_end_and_bit_exact_resume(tmp_path):
     assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
     res = cli(tmp_path, "scale", r, "--dry-run")
     assert res.exit_code == 0 and "muon" in res.output
-    res = cli(tmp_path, "coord-check", r, "--widths", "16,32,64", "--steps", "2", "--seeds", "1")
-    assert res.exit_code in (0, 1) and "Traceback" not in res.output
+    res = cli(tmp_path, "coord-check", r, "--widths", "32,64,128,256", "--steps", "3", "--seeds", "1")
+    assert res.exit_code == 0, res.output[-1500:]                       # muP with Muon passes ...
+    res = cli(tmp_path, "coord-check", r, "--widths", "32,64,128,256", "--steps", "3", "--seeds", "1",
+              "--parametrization", "sp")
+    assert res.exit_code == 1, res.output[-1500:]                       # ... the SP control does not
     res = cli(tmp_path, "sweep", r, "--widths", "16,32", "--lrs", "0.01,0.02", "--steps", "3")
     assert res.exit_code == 0, res.output
