@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import zlib
 from pathlib import Path
 from typing import Iterator, Optional
@@ -22,21 +21,6 @@ from .outputs_guard import check_output as guard, marker
 from .recipe import Recipe
 
 COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta"}
-
-
-def check_output(path: Optional[Path], flag: str, suffix: Optional[str] = None) -> None:
-    """Fail before any training if an output path cannot be written."""
-    if path is None:
-        return
-    if suffix and path.suffix.lower() != suffix:
-        raise UserError(flag, f"{path} must end in {suffix}")
-    if path.exists() and path.is_dir():
-        raise UserError(flag, f"{path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise UserError(flag, f"{parent} is not a directory")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise UserError(flag, f"cannot write to {parent}")
 
 
 @contextlib.contextmanager

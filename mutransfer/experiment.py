@@ -202,14 +202,14 @@ def resolve_device(device: str) -> str:
 
 def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked without training: factories, shapes at both widths, one batch,
-    and the model's output on it (check_output)."""
+    and the model's output on it (check_model_output)."""
     shapes_for(recipe, recipe.widths.target)
     it = data_stream(recipe, "train", recipe.train.seed, batch_size=2)
     train_batch = first_batch(it)
-    check_output(recipe, train_batch)
+    check_model_output(recipe, train_batch)
     val_batch = first_batch(data_stream(recipe, "val", recipe.train.seed, batch_size=2), "data (validation)")
     check_batches_agree(train_batch, val_batch)
-    check_output(recipe, val_batch, where="data (validation)")
+    check_model_output(recipe, val_batch, where="data (validation)")
 
 
 def check_batches_agree(train: tuple, val: tuple) -> None:
@@ -221,7 +221,7 @@ def check_batches_agree(train: tuple, val: tuple) -> None:
                             f"training {what} {tuple(a.shape)} {a.dtype} (beyond the batch dimension)")
 
 
-def check_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, where: str = "data") -> None:
+def check_model_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, where: str = "data") -> None:
     """One forward pass of the model at the proxy width (on the meta device when it runs there, else
     on the CPU) on `batch`: model.output must select a prediction that the loss can score against the
     targets. UserError naming model.output otherwise, before anything is trained or written."""

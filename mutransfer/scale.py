@@ -208,12 +208,12 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     experiment.shapes_for(recipe, width)
     experiment.check_fits(recipe, width, "--width", d.device)
     data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
-    experiment.check_output(recipe, experiment.first_batch(
+    experiment.check_model_output(recipe, experiment.first_batch(
         C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))))
     val = experiment.val_batches(recipe, t.eval_batches, seed=t.seed)
     experiment.check_batches_agree(experiment.first_batch(
         C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))), val[0])
-    experiment.check_output(recipe, val[0], where="data (validation)")
+    experiment.check_model_output(recipe, val[0], where="data (validation)")
     ckpt, start = None, 0
     newest = C.latest(ck_dir)
     if o.resume and newest is not None:

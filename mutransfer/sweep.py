@@ -424,15 +424,6 @@ def wider_line(summary: dict, cfg: SweepConfig, par: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- command
 
-def _check_out_path(path: Optional[Path], flag: str, suffix: str) -> None:
-    if path is None:
-        return
-    if path.suffix.lower() != suffix:
-        raise UserError(flag, f"{path} must end in {suffix}")
-    if path.exists() and path.is_dir():
-        raise UserError(flag, f"{path} is a directory")
-
-
 def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = Path("runs"), device: str = "cpu",
           json_path: Optional[Path] = None, plot_path: Optional[Path] = None, progress: bool = True,
           console=None) -> tuple[dict, int]:
