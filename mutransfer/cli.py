@@ -90,11 +90,15 @@ def tune(
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): trials there too"),
     depth: Optional[int] = typer.Option(None, help="depth to tune at (recipes with depths:; default depths.proxy)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda (auto: a GPU when there is one)"),
+    parallel_trials: Optional[int] = typer.Option(
+        None, help="trials trained at once in each worker, stacked (default: from memory and model size)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: the CPUs available / workers)"),
 ):
     """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
     from .tuning import tune_command
 
-    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth, device)
+    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth, device,
+                        parallel_trials, threads)
     if code:
         raise typer.Exit(code)
 

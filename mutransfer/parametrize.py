@@ -8,7 +8,7 @@ DDP, FSDP2 (build the optimizer after sharding with `param_groups`) and torch.co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,6 +27,7 @@ class Parametrized:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     plan: Plan
+    hooks: list = field(default_factory=list)   # handles of the plan's forward multipliers (removable)
 
     def __iter__(self):  # model, optimizer, plan = parametrize(...)
         return iter((self.model, self.optimizer, self.plan))
@@ -204,6 +205,6 @@ def parametrize(
     skip = all(p.init not in ("keep", "factory") for p in plan.params.values())
     model = build_model(factory, width, args, device, skip_init=skip)
     init_model(model, plan, seed, proxy_stds)
-    attach_readout_multipliers(model, plan)
+    hooks = attach_readout_multipliers(model, plan)
     opt = make_optimizer(param_groups(model, plan), optimizer, hp, device)
-    return Parametrized(model, opt, plan)
+    return Parametrized(model, opt, plan, hooks)

@@ -7,7 +7,7 @@ Storages:
       grace period belongs to a dead process and is marked FAIL before the next trial starts.
   journal:PATH  -> Optuna's JournalStorage on a file (no database server; safe for processes sharing a
       file system). It has no native heartbeat, so the same rule is kept here with a user attribute
-      refreshed by a background thread (see JournalHeartbeat).
+      refreshed by a background thread (see Heartbeat).
 """
 from __future__ import annotations
 
@@ -249,26 +249,32 @@ def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
     return failed
 
 
-class JournalHeartbeat:
-    """Refreshes HEARTBEAT_ATTR of one running trial every `interval` seconds (journal storages only)."""
+class Heartbeat:
+    """Signs of life for running trials while this process trains them, every `interval` seconds from
+    a background thread: RDB storages record Optuna's heartbeat (which study.optimize would do, but
+    trials asked for with ask() get none), journal storages refresh HEARTBEAT_ATTR."""
 
-    def __init__(self, study: optuna.Study, trial_id: int, interval: float):
-        self.study, self.trial_id, self.interval = study, trial_id, interval
+    def __init__(self, study: optuna.Study, trial_ids, interval: float):
+        self.study, self.trial_ids, self.interval = study, list(trial_ids), interval
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._rdb = is_rdb(study)
 
-    def __enter__(self) -> "JournalHeartbeat":
-        if not is_rdb(self.study):
-            self._beat()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
+    def __enter__(self) -> "Heartbeat":
+        self._beat()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         return self
 
     def _beat(self) -> None:
-        try:
-            self.study._storage.set_trial_user_attr(self.trial_id, HEARTBEAT_ATTR, time.time())
-        except Exception:  # noqa: BLE001 - the trial may just have finished; a missed beat is harmless
-            pass
+        for tid in self.trial_ids:
+            try:
+                if self._rdb:
+                    backend(self.study).record_heartbeat(tid)
+                else:
+                    self.study._storage.set_trial_user_attr(tid, HEARTBEAT_ATTR, time.time())
+            except Exception:  # noqa: BLE001 - the trial may just have finished; a missed beat is harmless
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -7,6 +7,11 @@ autocast on GPU, periodic validation, divergence detection and callbacks. Comman
 
 Under torch.distributed (DDP or FSDP2 set up by the caller, see distributed.py) each step's loss is
 averaged over ranks (so every rank takes the same stop decision) and throughput is the global one.
+
+Batched trials (trial_batch.TrialBatch: several trials stacked in one module) go through this same
+loop: the loss is one per slot, each slot has its own first loss, divergence, validation loss and
+end (state.slots; a callback ends slot i by setting state.slots[i].ended, e.g. "pruned"), slots that
+ended are dropped from the stack after the step, and training stops when none is left.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch import nn
 
 from .errors import UserError
 from .outputs import select
+from .trial_batch import TrialBatch
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -70,6 +76,17 @@ class TrainConfig:
 
 
 @dataclass
+class Slot:
+    """One slot of a TrialBatch: its latest losses, and why it ended (None while it trains)."""
+    loss: float = float("nan")
+    val_loss: Optional[float] = None      # set on the steps it was evaluated, else None
+    first_loss: Optional[float] = None
+    ended: Optional[str] = None           # "diverged", "pruned", ... (set by the loop or a callback)
+    reason: str = ""
+    steps: int = 0                        # optimizer steps it took
+
+
+@dataclass
 class State:
     """What callbacks see. `stop = True` (or a string reason) ends training after this step."""
     model: nn.Module
@@ -87,6 +104,7 @@ class State:
     reason: str = ""
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    slots: list[Slot] = field(default_factory=list)   # batched trials only: one per original slot
 
 
 class Callback(Protocol):
@@ -124,17 +142,29 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool, output: Any = None) -> float:
+def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool, output: Any = None):
+    """Mean loss over `batches`: a float, or for a TrialBatch a list with one per live slot (every slot
+    sees the same validation batches)."""
     was = model.training
     model.eval()
+    trials = isinstance(model, TrialBatch)
+    shared = trials and model.per_slot_input
+    if trials:
+        model.per_slot_input = False
     total, n = 0.0, 0
-    for batch in batches:
-        x, y = _to(batch, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = select(model(x), output)
-        total += float(loss_fn(loss, out, y))
-        n += 1
-    model.train(was)
+    try:
+        for batch in batches:
+            x, y = _to(batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(x) if trials else select(model(x), output)
+            total = total + (model.slot_losses(loss, out, y) if trials else float(loss_fn(loss, out, y)))
+            n += 1
+    finally:
+        model.train(was)
+        if trials:
+            model.per_slot_input = shared
+    if trials:
+        return (total / max(1, n)).tolist() if n else [0.0] * model.slots()
     return total / max(1, n)
 
 
@@ -179,6 +209,10 @@ def train(
     fwd = forward if forward is not None else model
     world = _world()
     state = State(model, optimizer, config, step=config.start_step)
+    trials = model if isinstance(model, TrialBatch) else None
+    output = None if trials is not None else config.output      # a TrialBatch selects inside each slot
+    if trials is not None:
+        state.slots = [Slot() for _ in trials.seeds]
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
     model.train()
@@ -197,12 +231,23 @@ def train(
             last = i == config.grad_accum - 1
             with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    out = select(fwd(x), config.output)
-                loss = loss_fn(config.loss, out, y) / config.grad_accum
-                loss.backward()
+                    out = select(fwd(x), output)
+                loss = (trials.slot_losses(config.loss, out, y) if trials is not None
+                        else loss_fn(config.loss, out, y)) / config.grad_accum
+                loss.sum().backward()          # slots' losses are independent: each gets its own gradient
             acc = loss.detach() if acc is None else acc + loss.detach()
             samples += x.shape[0]
             tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
+        if trials is not None:
+            _trials_step(state, trials, optimizer, acc, config)
+            if val_batches and (
+                (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
+            ):
+                _trials_eval(state, trials, evaluate(model, val_batches, config.loss, dev, amp))
+                _call(callbacks, "on_eval", state)
+            _call(callbacks, "on_step", state)
+            _trials_retain(state, trials, optimizer)
+            continue
         total = _global_mean(acc, world)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -237,3 +282,52 @@ def train(
         _call(callbacks, "on_step", state)
     _call(callbacks, "on_end", state)
     return state
+
+
+def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor, config: TrainConfig) -> None:
+    """One optimizer step of every live slot; then each slot's loss, first loss and divergence."""
+    totals = acc.float().tolist()
+    if config.grad_clip:
+        trials.clip_grad_norm_(config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    finite = []
+    for slot_id, total in zip(trials.live, totals):
+        sl = state.slots[slot_id]
+        sl.loss, sl.steps, sl.val_loss = total, state.step, None
+        if not math.isfinite(total):
+            sl.ended, sl.reason = "diverged", f"loss became {total} at step {state.step}"
+            continue
+        finite.append(total)
+        if sl.first_loss is None:
+            sl.first_loss = total
+        elif config.divergence_factor and total > config.divergence_factor * sl.first_loss:
+            sl.ended = "diverged"
+            sl.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {sl.first_loss:.4g}"
+    state.loss = sum(finite) / len(finite) if finite else float("nan")
+    if state.first_loss is None:
+        state.first_loss = state.loss
+
+
+def _trials_eval(state: State, trials: TrialBatch, values: list) -> None:
+    good = []
+    for slot_id, v in zip(trials.live, values):
+        sl = state.slots[slot_id]
+        if sl.ended is not None:
+            continue
+        sl.val_loss = v
+        if not math.isfinite(v):
+            sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {state.step}"
+        else:
+            good.append(v)
+    state.val_loss = min(good) if good else None
+
+
+def _trials_retain(state: State, trials: TrialBatch, optimizer) -> None:
+    """Drop the slots that ended from the stack (and the optimizer); stop when none is left."""
+    keep = [i for i in trials.live if state.slots[i].ended is None]
+    if not keep:
+        state.stop = "every slot ended"
+    elif len(keep) < len(trials.live):
+        trials.retain(keep, optimizer)

@@ -1,16 +1,18 @@
 """`mutransfer tune`: an Optuna search of the tunables on the proxy, under muP.
 
-A trial builds the model at the proxy width with the trial's values (experiment.build) and trains it
-with THE training loop (train.train) for train.steps, once per seed; a callback reports the validation
-loss every `search.report_every` steps so the pruner can stop it. The trial's value is the final
-validation loss, averaged over seeds. A trial that diverges (NaN/inf, or a training loss above
-search.divergence_factor x its first value, detected by the loop) is COMPLETE with a finite penalty,
-divergence_factor x its validation loss at initialisation, and the user attribute `diverged`, so the
-sampler learns the region is bad.
+Trials run in groups (batched_trials.py): a worker asks Optuna for up to `--parallel-trials` trials,
+builds each at the proxy width with its values (and each of search.seeds), stacks them into one
+TrialBatch and trains them together with THE training loop; each trial reports its validation loss
+every `search.report_every` steps and is pruned on its own. The trial's value is the final validation
+loss, averaged over seeds. A trial that diverges (NaN/inf, or a training loss above
+search.divergence_factor x its first value) is COMPLETE with a finite penalty, divergence_factor x its
+validation loss at initialisation, and the user attribute `diverged`, so the sampler learns the region
+is bad. One trial at a time is a group of one: the same code.
 
 `--trials N` counts finished trials (complete or pruned) in the storage, whoever ran them: a worker
-starts a trial only while fewer than N are finished, so one worker ends with exactly N and K
-concurrent workers with at most N + K - 1. Trials of dead workers are failed by heartbeat (study.py).
+asks for one more trial only while finished + running < N (recounted before each ask), so one worker
+ends with exactly N and K concurrent workers with at most N + K - 1. Trials of dead workers are
+failed by heartbeat (study.py).
 """
 from __future__ import annotations
 
@@ -42,12 +44,11 @@ from .loggers import Loggers, check_kinds
 from .hparams_file import default_path, write_hparams_file
 from .recipe import Recipe, load_recipe
 from .signals import available_cpus, worker_signals
-from .threads import choose as threads_choose
-from .study import (JournalHeartbeat, count_finished, default_storage, fail_stale, is_rdb, open_storage, storage_file,
+from .threads import choose as threads_choose, configure as threads_configure
+from .study import (Heartbeat, count_finished, default_storage, fail_stale, open_storage, storage_file,
                     storage_lock, check_journal_file, journal_path, release_connections, creation_race)
-from .train import State, evaluate, train
+from .batched_trials import Outcome, choose_parallel, probe, report_every, run_group
 
-PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
 POSITIVE = ("lr", "init_scale", "eps")
 UNIT = ("momentum", "beta1", "beta2")
 
@@ -67,6 +68,7 @@ class TuneOptions:
     log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
     depth: Optional[int] = None  # the depth tuned at (recipes with depths:; default depths.proxy)
     device: str = "cpu"          # trials' device: cpu | cuda | cuda:N (workers on several GPUs: one each)
+    parallel_trials: int = 0     # trials trained at once per worker (0: chosen from memory and model size)
 
 
 # ---------------------------------------------------------------- options ---------------------------------
@@ -106,7 +108,8 @@ def _check_params(recipe: Recipe) -> None:
 def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
                  storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
                  out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
-                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu") -> TuneOptions:
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
+                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> TuneOptions:
     """Flags over the recipe, validated (UserError naming the flag or field)."""
     if trials is not None and trials <= 0:
         raise UserError("--trials", "must be > 0")
@@ -114,6 +117,10 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         raise UserError("--width", "must be > 0")
     if workers <= 0:
         raise UserError("--workers", "must be > 0")
+    if parallel_trials is not None and not 1 <= parallel_trials <= 4096:
+        raise UserError("--parallel-trials", f"must be between 1 and 4096, got {parallel_trials}")
+    if threads is not None and not 1 <= threads <= 4096:
+        raise UserError("--threads", f"must be between 1 and 4096, got {threads}")
     cpus_avail = available_cpus()
     device = experiment.resolve_device(device)
     if device.startswith("cuda"):
@@ -135,8 +142,9 @@ def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] 
         recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
         storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
         out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
-        threads=threads_choose(workers) if workers > 1 else 0, log=tuple(check_kinds(list(log))),
-        depth=_tune_depth(recipe, depth), device=device,
+        threads=threads if threads else (threads_choose(workers) if workers > 1 else 0),
+        log=tuple(check_kinds(list(log))), depth=_tune_depth(recipe, depth), device=device,
+        parallel_trials=parallel_trials or 0,
     )
 
 
@@ -162,10 +170,6 @@ def recipe_for(opts: TuneOptions, recipe: Recipe) -> Recipe:
     return experiment.at_depth(recipe, opts.depth) if opts.depth is not None else recipe
 
 
-def report_every(recipe: Recipe) -> int:
-    return recipe.search.report_every or recipe.train.eval_every or max(1, recipe.train.steps // 5)
-
-
 def startup_trials(recipe: Recipe, trials: int) -> int:
     s = recipe.search.startup_trials
     return s if s is not None else min(10, max(3, trials // 3))
@@ -187,7 +191,7 @@ def make_sampler(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.sam
 
 
 def make_pruner(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
-    every, total = report_every(recipe), recipe.train.steps * recipe.search.seeds
+    every, total = report_every(recipe), recipe.train.steps      # a trial's seeds train side by side
     kind = recipe.search.pruner
     if kind == "none":
         return optuna.pruners.NopPruner()
@@ -251,29 +255,10 @@ def suggest(trial: optuna.Trial, recipe: Recipe) -> dict[str, Any]:
     return values
 
 
-class Reporter:
-    """Callback for train(): initial validation loss, then val loss -> trial.report(), and pruning."""
-
-    def __init__(self, trial: optuna.Trial, val: list, offset: int):
-        self.trial, self.val, self.offset = trial, val, offset
-        self.init_val = float("nan")
-        self.pruned = False
-
-    def on_start(self, state: State) -> None:
-        c = state.config
-        amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
-        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp, c.output)
-
-    def on_eval(self, state: State) -> None:
-        if state.diverged or state.val_loss is None or not math.isfinite(state.val_loss):
-            return
-        self.trial.report(state.val_loss, self.offset + state.step)
-        if self.trial.should_prune():
-            self.pruned, state.stop = True, "pruned"
-
-
 class Objective:
-    """The trial's value: final validation loss, mean over search.seeds; penalty if any seed diverges."""
+    """One trial at a time as an Optuna objective (a group of one): for scripts and benchmarks that
+    drive a study themselves. Its value is that of `tune`'s trials: the final validation loss, mean
+    over search.seeds, a penalty if any seed diverges; optuna.TrialPruned when pruned."""
 
     def __init__(self, recipe: Recipe, width: int, device: str = "cpu"):
         self.recipe, self.width, self.device = recipe, width, device
@@ -281,61 +266,103 @@ class Objective:
         self.val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        r, t0 = self.recipe, time.perf_counter()
-        hp = self.base.with_values(suggest(trial, r))
-        finals, inits, steps_run = [], [], 0
-        for s in range(r.search.seeds):
-            seed = r.train.seed + s
-            # the width tuned at is the base: a plain model there, as `scale` rebuilds it from proxy_width
-            p = experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width,
-                                 base_depth=experiment.depth_of(r))
-            cfg = experiment.train_config(r, device=self.device, eval_every=report_every(r),
-                                          divergence_factor=r.search.divergence_factor)
-            rep = Reporter(trial, self.val, offset=s * r.train.steps)
-            state = train(p.model, p.optimizer, experiment.data_stream(r, "train", seed), cfg, self.val, [rep])
-            steps_run += state.step
-            inits.append(rep.init_val)
-            trial.set_user_attr("steps_run", steps_run)
-            trial.set_user_attr("seconds", round(time.perf_counter() - t0, 3))
-            if state.diverged:
-                finite = [v for v in inits if math.isfinite(v)]
-                penalty = r.search.divergence_factor * max(finite) if finite else PENALTY_FALLBACK
-                trial.set_user_attr("diverged", True)
-                trial.set_user_attr("reason", f"seed {seed}: {state.reason}")
-                return float(penalty)
-            if rep.pruned:
-                raise optuna.TrialPruned(f"validation loss {state.val_loss:.4g} at step {state.step}")
-            finals.append(float(state.val_loss))
-        trial.set_user_attr("diverged", False)
-        trial.set_user_attr("seed_values", finals)
-        return sum(finals) / len(finals)
+        hp = self.base.with_values(suggest(trial, self.recipe))
+        out = run_group(self.recipe, self.width, self.device, [trial], [hp], self.val)[0]
+        for k, v in out.attrs.items():
+            trial.set_user_attr(k, v)
+        if out.state == "pruned":
+            raise optuna.TrialPruned(out.message)
+        return out.value
 
 
 # ---------------------------------------------------------------- workers --------------------------------
 
+class Worker:
+    """Asks for trials, trains them in groups, tells their outcomes; until the storage holds
+    opts.trials finished ones."""
+
+    def __init__(self, opts: TuneOptions, recipe: Recipe, study: optuna.Study, device: str, say=None):
+        self.opts, self.recipe, self.study, self.device = opts, recipe, study, device
+        self.base = HParams.from_train(recipe.train)
+        self.grace = 3 * recipe.search.heartbeat
+        self.val: Optional[list] = None          # built at the first group: a finished study needs no data
+        self.group_size: Optional[int] = None
+        self.vectorise = True
+        self.say = say                           # one line for the user (the fallback's reason)
+
+    def _prepare(self) -> None:
+        r = self.recipe
+        self.val = experiment.val_batches(r, r.train.eval_batches, seed=r.train.seed)
+        self.group_size = choose_parallel(r, self.opts.width, self.device, self.opts.trials,
+                                          self.opts.parallel_trials or None)
+        if self.group_size * r.search.seeds > 1:
+            why = probe(r, self.opts.width, self.device)
+            if why is not None:
+                self.vectorise = False
+                if self.say is not None:
+                    self.say(f"trials run one at a time: the model cannot be vectorised with torch.func.vmap ({why})")
+                self.group_size = 1
+
+    def _ask(self) -> list:
+        """Up to group_size new trials, recounting finished + running before each."""
+        asked = []
+        while len(asked) < self.group_size:
+            running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if count_finished(self.study) + running >= self.opts.trials:
+                break
+            asked.append(self.study.ask())
+        return asked
+
+    def run(self, on_trial: Optional[Callable[[optuna.Study], None]] = None) -> optuna.Study:
+        study = self.study
+        while True:
+            fail_stale(study, self.grace)
+            if count_finished(study) >= self.opts.trials:
+                return study
+            if self.val is None:
+                self._prepare()
+            trials = self._ask()
+            if not trials:          # others' running trials would complete the count: wait for them
+                time.sleep(min(1.0, self.recipe.search.heartbeat))
+                continue
+            self._run(trials)
+            if on_trial is not None:
+                on_trial(study)
+
+    def _run(self, trials: list) -> None:
+        told: set[int] = set()
+        try:
+            with Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat):
+                hps = [self.base.with_values(suggest(t, self.recipe)) for t in trials]
+                outcomes = run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val,
+                                     self.vectorise)
+            for t, out in zip(trials, outcomes):
+                self._tell(t, out)
+                told.add(t.number)
+        except BaseException:
+            for t in trials:        # interrupted or failed: these trials do not count (FAIL), as optimize does
+                if t.number not in told:
+                    try:
+                        self.study.tell(t, state=TrialState.FAIL)
+                    except Exception:  # noqa: BLE001 - the storage may be what failed
+                        pass
+            raise
+
+    def _tell(self, trial, out: Outcome) -> None:
+        for k, v in out.attrs.items():
+            trial.set_user_attr(k, v)
+        if out.state == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, out.value)
+
+
 def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
                on_trial: Optional[Callable[[optuna.Study], None]] = None,
-               study: Optional[optuna.Study] = None) -> optuna.Study:
-    """Run trials until the storage holds opts.trials finished ones (checked before every trial)."""
+               study: Optional[optuna.Study] = None, say=None) -> optuna.Study:
+    """Run trials until the storage holds opts.trials finished ones (checked before every ask)."""
     study = study or open_study(opts, recipe, worker)
-    objective: Optional[Objective] = None   # built at the first trial: a finished study needs no data
-    grace = 3 * recipe.search.heartbeat
-    journal = not is_rdb(study)
-
-    def run(trial: optuna.Trial) -> float:
-        if not journal:
-            return objective(trial)
-        with JournalHeartbeat(study, trial._trial_id, recipe.search.heartbeat):
-            return objective(trial)
-
-    while True:
-        fail_stale(study, grace)
-        if count_finished(study) >= opts.trials:
-            return study
-        objective = objective or Objective(recipe, opts.width, worker_device(opts.device, worker))
-        study.optimize(run, n_trials=1, catch=(), gc_after_trial=False)
-        if on_trial is not None:
-            on_trial(study)
+    return Worker(opts, recipe, study, worker_device(opts.device, worker), say).run(on_trial)
 
 
 def _worker_entry(opts_d: dict, worker: int) -> None:
@@ -346,7 +373,8 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
         torch.set_num_threads(opts.threads)
     warnings.simplefilter("ignore", UserWarning)
     try:
-        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe_path)), worker)
+        say = (lambda m: print(f"tune: {m}", file=sys.stderr)) if worker == 0 else None
+        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe_path)), worker, say=say)
     except KeyboardInterrupt:
         sys.exit(130)
     except UserError as e:
@@ -490,7 +518,8 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
 
         try:
             if opts.workers == 1:
-                run_worker(opts, recipe, 0, on_trial=on_trial, study=study)
+                run_worker(opts, recipe, 0, on_trial=on_trial, study=study,
+                           say=lambda m: bar.console.print(f"[yellow]note[/]: {m}", highlight=False))
             else:
                 codes = _run_local_workers(opts, bar, task, study, plain)
                 bad = [c for c in codes if c not in (0, None)]
@@ -531,11 +560,14 @@ def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
 
 def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
                  study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
-                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu") -> int:
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
+                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> int:
     """The CLI's `tune`: load and validate, then tune()."""
     recipe = load_recipe(recipe_path)
     opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth,
-                        device)
+                        device, parallel_trials, threads)
+    if threads and workers == 1:
+        threads_configure(1, threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return tune(opts, recipe)

@@ -1,0 +1,168 @@
+"""One optimizer step for S trials at once, over one flat parameter (S, N): row i holds every parameter
+of slot i (trial_batch.TrialBatch lays them out), and every hyperparameter is a map of the same shape
+(each element: its slot's value for its parameter, from that slot's plan) or a per-slot column (S, 1).
+
+torch's optimizers take one scalar per group, so batched trials need their own; `tune` uses this one
+for every trial, one at a time or many (S = 1 is the same code), so the two paths cannot drift. The
+formulas are torch's (AdamW, Adam, SGD, Muon), elementwise over the whole flat tensor — a dozen
+tensor operations per step whatever the number of parameters and trials:
+
+  AdamW  p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+  Adam   the same with g <- g + wd p (coupled L2) and no decoupled shrink
+  SGD    g <- g + wd p;  b <- momentum b + g (b = g at the first step);  p <- p - lr b
+  Muon   the first `muon_cols` columns hold the hidden matrices (torch.optim.Muon's step, per matrix,
+         batched over slots): p <- p (1 - lr wd); b <- lerp(b, g, 1 - mu); u <- lerp(g, b, mu)
+         (Nesterov) or b; O <- Newton-Schulz(u) in bf16; p <- p - lr sqrt(max(1, A/B)) O.
+         The remaining columns are AdamW's.
+
+Rows can be dropped (`retain`) when trials end, so finished trials cost nothing afterwards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # torch.optim.Muon's (Keller Jordan's quintic)
+NS_EPS = 1e-7
+KINDS = ("adam", "adamw", "sgd", "muon")
+MAPS = ("lr", "initial_lr", "weight_decay", "eps", "beta1", "beta2", "momentum", "muon_momentum")
+
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float = NS_EPS) -> torch.Tensor:
+    """Per-slot orthogonalisation of matrices g (S, A, B), as torch.optim.Muon does one matrix."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.transpose(-2, -1)
+    x = x / x.flatten(1).norm(dim=1).clamp(min=eps).view(-1, 1, 1)
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.transpose(-2, -1) if tall else x
+
+
+class BatchedOptimizer(torch.optim.Optimizer):
+    """One group over the flat parameter. `group` holds: kind (adam|adamw|sgd|muon); lr, weight_decay
+    (maps (S, N)); eps (S, N) for Adam kinds; beta1, beta2, momentum (S, 1); for muon also
+    muon_momentum (S, 1), nesterov, ns_steps, muon_cols and matrices [(offset, rows, cols)] inside
+    the first muon_cols columns. The training loop's schedule rewrites `lr` from `initial_lr`."""
+
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, group: dict):
+        if group.get("kind") not in KINDS:
+            raise ValueError(f"unknown optimizer kind {group.get('kind')!r}")
+        group = {**group, "params": [flat], "grad": grad}
+        for k in ("weight_decay", "eps", "beta1", "beta2", "momentum", "muon_momentum"):
+            group[k] = _uniform(group.get(k))      # one value for every element: a float, fewer passes
+        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("muon_cols", 0)
+        super().__init__([group], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = self.param_groups[0]
+        p = g["params"][0]
+        st = self.state[p]
+        kind, grad, m0 = g["kind"], g["grad"], g["muon_cols"]
+        st["step"] = st.get("step", 0) + 1
+        wd = g["weight_decay"]
+        if kind in ("adamw", "muon") and (torch.is_tensor(wd) or wd != 0.0):
+            p.mul_(1 - g["lr"] * wd)                          # decoupled ("independent") decay, every column
+        if kind == "muon":
+            self._muon(p[:, :m0], grad[:, :m0], st, g)
+        pe, ge = p[:, m0:], grad[:, m0:]
+        if kind in ("adam", "sgd") and (torch.is_tensor(wd) or wd != 0.0):
+            ge = ge + _cols(wd, m0) * pe                       # coupled L2
+        if kind == "sgd":
+            self._sgd(pe, ge, st, g)
+        else:
+            self._adam(pe, ge, st, g, m0)
+        return loss
+
+    # ---------------------------------------------------------------- the rules ---------------------------
+
+    @staticmethod
+    def _adam(p, grad, st, g, m0):
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        t, b1, b2 = st["step"], g["beta1"], g["beta2"]
+        st["exp_avg"].lerp_(grad, 1 - b1)
+        if torch.is_tensor(b2):
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad * (1 - b2))
+        else:
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bc2 = (1 - b2 ** t) ** 0.5
+        denom = st["exp_avg_sq"].sqrt().div_(bc2).add_(_cols(g["eps"], m0))
+        lr = g["lr"][:, m0:]
+        if torch.is_tensor(b1):
+            p.addcdiv_(st["exp_avg"] * (lr / (1 - b1 ** t)), denom, value=-1.0)
+        else:
+            p.addcdiv_(st["exp_avg"] * lr, denom, value=-1.0 / (1 - b1 ** t))
+
+    @staticmethod
+    def _sgd(p, grad, st, g):
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = grad.clone()
+        else:
+            st["momentum_buffer"].mul_(g["momentum"]).add_(grad)
+        # momentum 0: the buffer is the gradient itself (torch skips it: the same numbers)
+        p.sub_(g["lr"][:, -p.shape[1]:] * st["momentum_buffer"])
+
+    @staticmethod
+    def _muon(p, grad, st, g):
+        if "muon_buffer" not in st:
+            st["muon_buffer"] = torch.zeros_like(p)
+        mu = g["muon_momentum"]
+        buf = st["muon_buffer"].lerp_(grad, 1 - mu)
+        update = grad.lerp(buf, mu) if g["nesterov"] else buf
+        S = p.shape[0]
+        for off, rows, cols in g["matrices"]:
+            n = rows * cols
+            o = newton_schulz(update[:, off:off + n].reshape(S, rows, cols), int(g["ns_steps"]))
+            lr = g["lr"][:, off:off + 1] * math.sqrt(max(1.0, rows / cols))
+            p[:, off:off + n].sub_(lr * o.reshape(S, n).to(p.dtype))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient in place: the parameters' .grad are views of it (never set to None)."""
+        self.param_groups[0]["grad"].zero_()
+
+    # ---------------------------------------------------------------- rows ---------------------------------
+
+    def retain(self, rows: Sequence[int], new_flat: torch.Tensor, new_grad: torch.Tensor) -> None:
+        """Keep only slots `rows` (indices into the current stack); the new flat tensor and gradient
+        replace the old (their rows taken from it)."""
+        g = self.param_groups[0]
+        old = g["params"][0]
+        idx = torch.tensor(list(rows), dtype=torch.long, device=old.device)
+        for k in MAPS:
+            if torch.is_tensor(g.get(k)):
+                g[k] = g[k].index_select(0, idx)
+        st = self.state.pop(old, {})
+        self.state[new_flat] = {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in st.items()}
+        g["params"], g["grad"] = [new_flat], new_grad
+
+
+def _uniform(v):
+    """A map or column whose elements are all equal, as that float; anything else unchanged."""
+    if torch.is_tensor(v) and v.numel() and bool((v == v.flatten()[0]).all()):
+        return float(v.flatten()[0])
+    return v
+
+
+def _cols(v, start: int):
+    """Columns start: of a map; a float or a per-slot column (S, 1) as it is."""
+    return v[:, start:] if torch.is_tensor(v) and v.shape[-1] > 1 else v
+
+
+def slot_grad_clip(grad: torch.Tensor, max_norm: float) -> None:
+    """clip_grad_norm_ for each slot on its own: slot i's norm is that of row i of the flat gradient."""
+    norm = grad.float().norm(dim=1, keepdim=True)
+    grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
