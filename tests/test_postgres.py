@@ -57,7 +57,9 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_workers_share_one_postgresql_study(tmp_path, postgres):
+@pytest.mark.parametrize("group", [1, 3])
+def test_workers_share_one_postgresql_study(tmp_path, postgres, group):
+    """K processes on one database, each training `group` trials at a time (--parallel-trials)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -72,7 +74,8 @@ def test_workers_share_one_postgresql_study(tmp_path, postgres):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # two "machines": two tune processes, each with its own worker, on one database
     procs = [subprocess.Popen([sys.executable, "-m", "mutransfer.cli", "tune", "r.yaml", "--storage", postgres,
-                               "--out", f"hp{i}.yaml"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               "--out", f"hp{i}.yaml", "--parallel-trials", str(group), "--device", "cpu"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(K)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -81,4 +84,5 @@ def test_workers_share_one_postgresql_study(tmp_path, postgres):
     assert len(numbers) == len(set(numbers))
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert N <= finished <= N + K - 1
+    assert max(t.user_attrs.get("parallel_trials", 0) for t in trials) == group
     assert (tmp_path / "hp0.yaml").is_file() and (tmp_path / "hp1.yaml").is_file()
