@@ -24,3 +24,7 @@ if [[ $STEP == all || $STEP == overhead ]]; then
     python3 bench/overhead.py --device cuda --recipe bench/gpt-2048.yaml --width 2048 --steps 40 --chunk 10 --warmup 5 $extra 2>&1 | tee -a "$OUT/overhead.log"
   done
 fi
+if [[ $STEP == all || $STEP == tune ]]; then
+  # issue 14: trials/hour one at a time vs batched trials on the GPU (proxy width 128), and CPU modes
+  python3 bench/tune_throughput.py --trials ${TUNE_TRIALS:-32} --repeats 1 --gpu-width 128 2>&1 | tee "$OUT/tune.log"
+fi
