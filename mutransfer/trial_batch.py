@@ -71,6 +71,8 @@ class TrialBatch(nn.Module):
         # Muon's matrices first (batched_optim updates them per matrix, the rest elementwise)
         names = sorted(params, key=lambda n: plan0.params[n].optimizer != "muon")
         self._aliases = _aliases(self.base)
+        # parameters the factory froze stay frozen: no gradient, LR 0 (batched_optim then leaves them)
+        self.frozen = {n for n, p in self.base.named_parameters() if not p.requires_grad}
         self.layout: list[tuple[str, int, tuple]] = []      # (name, offset, shape) in the flat row
         off = 0
         for n in names:
@@ -112,7 +114,7 @@ class TrialBatch(nn.Module):
         grads = self.views(grads)
         self.leaves = {}
         for name, view in self.views(src).items():
-            leaf = nn.Parameter(view)            # shares the flat tensor's storage
+            leaf = nn.Parameter(view, requires_grad=name not in self.frozen)   # shares the flat storage
             leaf.grad = grads[name]
             self.leaves[name] = leaf
         if one:
@@ -315,7 +317,11 @@ def make_optimizer(batch: TrialBatch, optimizer: str) -> BatchedOptimizer:
     def per_slot(value) -> torch.Tensor:
         return torch.tensor([[float(value(hp))] for hp in batch.hps], dtype=torch.float32, device=flat.device)
 
-    group = {"kind": optimizer, "lr": per_element(lambda q, hp: q.lr),
+    lr = per_element(lambda q, hp: q.lr)
+    for name, off, shape in batch.layout:
+        if name in batch.frozen:
+            lr[:, off:off + math.prod(shape)] = 0.0
+    group = {"kind": optimizer, "lr": lr,
              "weight_decay": per_element(lambda q, hp: q.weight_decay),
              "eps": per_element(lambda q, hp: q.eps if q.eps is not None else hp.eps),
              "beta1": per_slot(lambda hp: hp.beta1), "beta2": per_slot(lambda hp: hp.beta2),

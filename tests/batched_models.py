@@ -22,3 +22,11 @@ class ItemControlFlow(nn.Module):
 
 def item_control_flow(width: int, in_dim: int = 8, classes: int = 4) -> nn.Module:
     return ItemControlFlow(width, in_dim, classes)
+
+
+def frozen_input(width: int, in_dim: int = 8, classes: int = 4) -> nn.Module:
+    """The input layer frozen by the factory (requires_grad False)."""
+    m = ItemControlFlow(width, in_dim, classes)
+    m.forward = lambda x: m.out(torch.relu(m.inp(x)))
+    m.inp.weight.requires_grad_(False)
+    return m

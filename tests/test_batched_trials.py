@@ -198,3 +198,21 @@ def test_bad_counts_are_one_line(tmp_path, flag, value):
     res = cli_in(tmp_path, "tune", "q.yaml", flag, value, "--device", "cpu")
     assert res.exit_code == 2 and flag in res.output and value in res.output
     assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_frozen_parameters_stay_frozen():
+    """A parameter the factory froze (requires_grad False) is not updated in a group."""
+    r = parse_recipe({
+        "name": "fz", "model": {"factory": "batched_models:frozen_input", "args": {"in_dim": 8}},
+        "data": {"factory": "builtin:vectors", "args": {"dim": 8, "classes": 4}},
+        "widths": {"proxy": 16, "target": 32},
+        "train": {"optimizer": "adamw", "lr": 1e-2, "steps": 5, "batch_size": 8, "eval_batches": 1,
+                  "weight_decay": 0.1}})
+    hp = HParams.from_train(r.train)
+    batch = build_batch(r, 16, [hp, hp], [0, 1], "cpu", True)
+    before = batch.views(batch.flat.clone())
+    train(batch, make_optimizer(batch, "adamw"), SlotData(batch, lambda s: experiment.data_stream(r, "train", s)),
+          experiment.train_config(r, steps=5))
+    after = batch.views(batch.flat)
+    assert torch.equal(before["inp.weight"], after["inp.weight"])
+    assert not torch.equal(before["out.weight"], after["out.weight"])
