@@ -102,12 +102,13 @@ def search_flops(recipe, studies, flops):
     """FLOPs of the trials these studies ran: steps run x step FLOPs + validations x eval FLOPs."""
     train_f, eval_f = flops
     every, steps, nval = report_every(recipe), recipe.train.steps, recipe.train.eval_batches
+    seeds = recipe.search.seeds
     total = 0.0
     for st in studies:
         for t in st.trials:
             run = t.user_attrs.get("steps_run", 0)
-            full, rest = divmod(run, steps)          # seeds trained to the end, steps of the last one
-            evals = full * (1 + steps // every + (1 if steps % every else 0)) + (1 + rest // every if rest else 0)
+            each = run // seeds                      # a trial's seeds train side by side, as far as each other
+            evals = seeds * (1 + each // every + (1 if each == steps and steps % every else 0))
             total += run * train_f + evals * nval * eval_f
     return total
 
@@ -137,6 +138,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
                     help="skip the random-search baseline of (a)")
+    ap.add_argument("--no-throughput", dest="throughput", action="store_false",
+                    help="skip (c), trials per hour one at a time vs batched vs workers (bench/tune_throughput.py)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
@@ -191,6 +194,12 @@ def main():
     print(f"    wall time per full trial ({a.wall_trials} trials each at lr {lr:g}, steps run {sp_steps} / "
           f"{st_steps}, {a.threads} torch thread(s)): proxy {wp:.2f} s, target {wt:.2f} s -> ratio {wp / wt:.4f} "
           f"(goal <= 0.05)")
+    if a.throughput:
+        print("\n(c) trials per hour: --parallel-trials 1 vs batched vs --workers (bench/tune_throughput.py)")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import tune_throughput
+
+        tune_throughput.main(["--trials", "16", "--repeats", "1"])
 
 
 if __name__ == "__main__":
