@@ -29,6 +29,7 @@ from torch import nn
 from .atomic import write_json
 from . import experiment
 from .errors import UserError
+from .outputs_guard import marker
 from .coord_attention import AttentionTracer, scale_finding
 from .coord_spectral import SpectralRecorder
 from .hparams import HParams
@@ -516,12 +517,42 @@ class Result:
         return "blowup" if bad else "ok"
 
     def to_json(self) -> dict:
-        from .coord_report import to_json
         return to_json(self)
 
     @property
     def worst_first(self) -> list[Row]:
         return sorted(self.rows, key=lambda r: (-_finite_key(r.slope), r.name, r.statistic))
+
+
+def to_json(res: Result) -> dict:
+    """The result as plain JSON data (what --json writes; infinities as strings, NaN as null)."""
+    s = res.settings
+
+    def num(x: float):
+        return x if math.isfinite(x) else (None if x != x else ("inf" if x > 0 else "-inf"))
+
+    return {
+        "written_by": marker("coord-check results"),
+        "verdict": res.verdict,
+        "parametrization": s.parametrization,
+        "optimizer": s.optimizer,
+        "lr": s.lr,
+        "widths": list(s.widths),
+        "steps": s.steps,
+        "seeds": s.seeds,
+        "thresholds": {"blowup": BLOWUP_SLOPE, "vanishing": VANISH_SLOPE, "spectral": SPECTRAL_SLOPE,
+                       "tail_widths": TAIL},
+        "diverged": list(res.diverged),
+        "findings": list(res.findings),
+        "notes": list(res.notes),
+        "modules": [
+            {"name": r.name, "statistic": r.statistic, "values": [num(v) for v in r.values],
+             "slope": num(r.slope), "tail_slope": None if r.tail_slope is None else num(r.tail_slope),
+             "spread": num(r.spread), "flag": r.flag,
+             "series": [[num(v) for v in ser] for ser in r.series]}
+            for r in res.worst_first
+        ],
+    }
 
 
 def _finite_key(x: float) -> float:

@@ -15,7 +15,7 @@ from rich.table import Table
 from .console import PlainLines, make_console
 from .atomic import write_via
 from . import coord
-from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings
+from .coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings, to_json
 from .errors import UserError
 from .outputs_guard import check_output as guard, marker
 from .recipe import Recipe
@@ -103,36 +103,6 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
         why += [f"{len(res.findings)} attention-scale finding(s)"] if res.findings else []
         why += ["a run diverged"] if res.diverged else []
         console.print(f"[bold red]verdict: blowup[/] ({', '.join(why)})")
-
-
-def to_json(res: Result) -> dict:
-    s = res.settings
-
-    def num(x: float):
-        return x if math.isfinite(x) else (None if x != x else ("inf" if x > 0 else "-inf"))
-
-    return {
-        "written_by": marker("coord-check results"),
-        "verdict": res.verdict,
-        "parametrization": s.parametrization,
-        "optimizer": s.optimizer,
-        "lr": s.lr,
-        "widths": list(s.widths),
-        "steps": s.steps,
-        "seeds": s.seeds,
-        "thresholds": {"blowup": BLOWUP_SLOPE, "vanishing": VANISH_SLOPE, "spectral": coord.SPECTRAL_SLOPE,
-                       "tail_widths": coord.TAIL},
-        "diverged": list(res.diverged),
-        "findings": list(res.findings),
-        "notes": list(res.notes),
-        "modules": [
-            {"name": r.name, "statistic": r.statistic, "values": [num(v) for v in r.values],
-             "slope": num(r.slope), "tail_slope": None if r.tail_slope is None else num(r.tail_slope),
-             "spread": num(r.spread), "flag": r.flag,
-             "series": [[num(v) for v in ser] for ser in r.series]}
-            for r in res.worst_first
-        ],
-    }
 
 
 def write_json(res: Result, path: Path) -> None:
