@@ -334,11 +334,10 @@ class Worker:
         try:
             with Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat):
                 hps = [self.base.with_values(suggest(t, self.recipe)) for t in trials]
-                outcomes = run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val,
-                                     self.vectorise)
-            for t, out in zip(trials, outcomes):
-                self._tell(t, out)
-                told.add(t.number)
+                for part, outcomes in self._fitting(trials, hps):
+                    for t, out in zip(part, outcomes):
+                        self._tell(t, out)
+                        told.add(t.number)
         except BaseException:
             for t in trials:        # interrupted or failed: these trials do not count (FAIL), as optimize does
                 if t.number not in told:
@@ -347,6 +346,22 @@ class Worker:
                     except Exception:  # noqa: BLE001 - the storage may be what failed
                         pass
             raise
+
+    def _fitting(self, trials: list, hps: list):
+        """Run the group; when it does not fit in the GPU's memory, in halves (and keep the smaller
+        group size for the next groups). Yields (trials, outcomes) as parts finish."""
+        try:
+            yield trials, run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise)
+        except torch.cuda.OutOfMemoryError:
+            if len(trials) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = (len(trials) + 1) // 2
+            self.group_size = min(self.group_size, half)
+            if self.say is not None:
+                self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
+            yield from self._fitting(trials[:half], hps[:half])
+            yield from self._fitting(trials[half:], hps[half:])
 
     def _tell(self, trial, out: Outcome) -> None:
         for k, v in out.attrs.items():

@@ -216,3 +216,26 @@ def test_frozen_parameters_stay_frozen():
     after = batch.views(batch.flat)
     assert torch.equal(before["inp.weight"], after["inp.weight"])
     assert not torch.equal(before["out.weight"], after["out.weight"])
+
+
+def test_a_group_that_does_not_fit_runs_in_halves(tmp_path, monkeypatch):
+    """CUDA out of memory for a group: the same trials run in halves; later groups stay smaller."""
+    from mutransfer import tuning
+
+    real, sizes = tuning.run_group, []
+
+    def tight(recipe, width, device, trials, hps, val, vectorise=True):
+        sizes.append(len(trials))
+        if len(trials) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(recipe, width, device, trials, hps, val, vectorise)
+
+    monkeypatch.setattr(tuning, "run_group", tight)
+    _qs(tmp_path, trials=7)
+    res = cli_in(tmp_path, "tune", "q.yaml", "--parallel-trials", "5", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "did not fit in GPU memory" in res.output
+    assert sizes[:4] == [5, 3, 2, 1] and max(sizes[4:]) <= 2, sizes
+    st = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{tmp_path}/runs/quickstart/study.db")
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in st.trials) == 7
+    assert not [t for t in st.trials if t.state == TrialState.FAIL]
