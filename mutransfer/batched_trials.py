@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 import torch
@@ -52,12 +52,15 @@ def precision(device: str, recipe: Recipe) -> str:
 
 class _Reports:
     """Callback: initial validation losses per slot; every evaluation, each trial's mean over its live
-    seeds -> trial.report(), and the pruner's verdict; a diverged seed ends its trial's other seeds."""
+    seeds -> trial.report(), and the pruner's verdict; a diverged seed ends its trial's other seeds.
+    A trial whose slots have all ended is handed to `done` at once (its outcome), before the group ends."""
 
-    def __init__(self, trials: Sequence, slots_of: list[list[int]], val: list, cfg):
-        self.trials, self.slots_of, self.val, self.cfg = trials, slots_of, val, cfg
+    def __init__(self, trials: Sequence, slots_of: list[list[int]], val: list, outcome, done=None):
+        self.trials, self.slots_of, self.val = trials, slots_of, val
+        self.outcome, self.done = outcome, done
         self.init_val: list[float] = []
         self.pruned: dict[int, str] = {}
+        self.results: dict[int, Outcome] = {}
 
     def on_start(self, state: State) -> None:
         c = state.config
@@ -80,12 +83,19 @@ class _Reports:
                     s.ended = "pruned"
 
     def on_step(self, state: State) -> None:
-        for slots in self.slots_of:
+        for t, slots in enumerate(self.slots_of):
             sl = [state.slots[i] for i in slots]
             if any(s.ended == "diverged" for s in sl):
                 for s in sl:
                     if s.ended is None:
                         s.ended, s.reason = "stopped", "another seed of its trial diverged"
+            if t not in self.results and all(s.ended is not None for s in sl):
+                self.finish(t, state)
+
+    def finish(self, t: int, state: State) -> None:
+        self.results[t] = self.outcome(t, state)
+        if self.done is not None:
+            self.done(t, self.results[t])
 
 
 def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Sequence[int], device: str,
@@ -99,9 +109,10 @@ def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Seque
 
 
 def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Sequence[HParams], val: list,
-              vectorise: bool = True) -> list[Outcome]:
+              vectorise: bool = True, done: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
     """Train these trials (optuna.Trial or FixedTrial, with their values `hps`) together; one Outcome
-    each. Reports and pruning go through each trial as it trains."""
+    each. Reports and pruning go through each trial as it trains; `done(i, outcome)` is called for
+    trial i as soon as it ends (pruned or diverged ones before the others finish)."""
     r, t0 = recipe, time.perf_counter()
     seeds = [r.train.seed + s for s in range(r.search.seeds)]
     slot_hps, slot_seeds, slots_of = [], [], []
@@ -113,29 +124,31 @@ def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Se
     opt = make_optimizer(batch, r.train.optimizer)
     cfg = experiment.train_config(r, device=device, eval_every=report_every(r),
                                   divergence_factor=r.search.divergence_factor)
-    rep = _Reports(trials, slots_of, val, cfg)
+
+    def outcome(t: int, state: State) -> Outcome:
+        sl = [state.slots[i] for i in slots_of[t]]
+        attrs: dict[str, Any] = {"steps_run": sum(s.steps for s in sl),
+                                 "seconds": round(time.perf_counter() - t0, 3), "parallel_trials": len(hps),
+                                 "device": device, "precision": precision(device, r)}
+        bad = [(i, s) for i, s in zip(slots_of[t], sl) if s.ended == "diverged"]
+        if bad:
+            finite = [v for v in (rep.init_val[i] for i in slots_of[t]) if math.isfinite(v)]
+            attrs.update(diverged=True, reason=f"seed {slot_seeds[bad[0][0]]}: {bad[0][1].reason}")
+            return Outcome("complete", float(r.search.divergence_factor * max(finite)) if finite
+                           else PENALTY_FALLBACK, attrs=attrs)
+        if t in rep.pruned:
+            return Outcome("pruned", message=rep.pruned[t], attrs=attrs)
+        finals = [s.val_loss for s in sl]
+        attrs.update(diverged=False, seed_values=finals)
+        return Outcome("complete", sum(finals) / len(finals), attrs=attrs)
+
+    rep = _Reports(trials, slots_of, val, outcome, done)
     data = SlotData(batch, lambda s: experiment.data_stream(r, "train", s))
     state = train(batch, opt, data, cfg, val, [rep])
-    seconds = round(time.perf_counter() - t0, 3)
-    out = []
-    for t, slots in enumerate(slots_of):
-        sl = [state.slots[i] for i in slots]
-        attrs: dict[str, Any] = {"steps_run": sum(s.steps for s in sl), "seconds": seconds,
-                                 "parallel_trials": len(hps), "device": device, "precision": precision(device, r)}
-        bad = [(i, s) for i, s in zip(slots, sl) if s.ended == "diverged"]
-        if bad:
-            inits = [rep.init_val[i] for i in slots]
-            finite = [v for v in inits if math.isfinite(v)]
-            attrs.update(diverged=True, reason=f"seed {slot_seeds[bad[0][0]]}: {bad[0][1].reason}")
-            out.append(Outcome("complete", float(r.search.divergence_factor * max(finite)) if finite
-                               else PENALTY_FALLBACK, attrs=attrs))
-        elif t in rep.pruned:
-            out.append(Outcome("pruned", message=rep.pruned[t], attrs=attrs))
-        else:
-            finals = [s.val_loss for s in sl]
-            attrs.update(diverged=False, seed_values=finals)
-            out.append(Outcome("complete", sum(finals) / len(finals), attrs=attrs))
-    return out
+    for t in range(len(trials)):
+        if t not in rep.results:
+            rep.finish(t, state)
+    return [rep.results[t] for t in range(len(trials))]
 
 
 def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:

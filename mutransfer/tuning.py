@@ -325,21 +325,25 @@ class Worker:
             if not trials:          # others' running trials would complete the count: wait for them
                 time.sleep(min(1.0, self.recipe.search.heartbeat))
                 continue
-            self._run(trials)
-            if on_trial is not None:
-                on_trial(study)
+            self._run(trials, on_trial)
 
-    def _run(self, trials: list) -> None:
+    def _run(self, trials: list, on_trial=None) -> None:
+        """Train a group; tell each trial's outcome as soon as it ends (progress and the sampler see it
+        then). Interrupted or failed: the trials not told yet are FAIL (not counted), as optimize does."""
         told: set[int] = set()
+
+        def done(trial, out: Outcome) -> None:
+            self._tell(trial, out)
+            told.add(trial.number)
+            if on_trial is not None:
+                on_trial(self.study)
+
         try:
             with Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat):
                 hps = [self.base.with_values(suggest(t, self.recipe)) for t in trials]
-                for part, outcomes in self._fitting(trials, hps):
-                    for t, out in zip(part, outcomes):
-                        self._tell(t, out)
-                        told.add(t.number)
+                self._fitting(trials, hps, done, told)
         except BaseException:
-            for t in trials:        # interrupted or failed: these trials do not count (FAIL), as optimize does
+            for t in trials:
                 if t.number not in told:
                     try:
                         self.study.tell(t, state=TrialState.FAIL)
@@ -347,21 +351,24 @@ class Worker:
                         pass
             raise
 
-    def _fitting(self, trials: list, hps: list):
-        """Run the group; when it does not fit in the GPU's memory, in halves (and keep the smaller
-        group size for the next groups). Yields (trials, outcomes) as parts finish."""
+    def _fitting(self, trials: list, hps: list, done, told: set) -> None:
+        """Run the group; when it does not fit in the GPU's memory, the trials not told yet in halves
+        (and keep the smaller group size for the next groups)."""
         try:
-            yield trials, run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise)
+            run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise,
+                      done=lambda i, out: done(trials[i], out))
         except torch.cuda.OutOfMemoryError:
-            if len(trials) == 1:
+            keep = [i for i, t in enumerate(trials) if t.number not in told]
+            trials, hps = [trials[i] for i in keep], [hps[i] for i in keep]
+            if len(trials) <= 1:
                 raise
             torch.cuda.empty_cache()
             half = (len(trials) + 1) // 2
             self.group_size = min(self.group_size, half)
             if self.say is not None:
                 self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
-            yield from self._fitting(trials[:half], hps[:half])
-            yield from self._fitting(trials[half:], hps[half:])
+            self._fitting(trials[:half], hps[:half], done, told)
+            self._fitting(trials[half:], hps[half:], done, told)
 
     def _tell(self, trial, out: Outcome) -> None:
         for k, v in out.attrs.items():

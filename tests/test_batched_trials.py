@@ -122,8 +122,11 @@ def test_pruning_and_divergence_are_per_trial_inside_a_group():
     hps = [base.with_values({"lr": 3e-3}), base.with_values({"lr": 1e3}), base.with_values({"lr": 1e-2})]
     trials = [FakeTrial(), FakeTrial(), FakeTrial(prune_at=10)]
     val = experiment.val_batches(r, 2, seed=0)
-    out = run_group(r, 32, "cpu", trials, hps, val)
+    order = []
+    out = run_group(r, 32, "cpu", trials, hps, val, done=lambda i, o: order.append((i, o.state)))
     ok, bad, pruned = out
+    # the diverged and the pruned trial are handed over as they end, the full-length one last
+    assert sorted(order[:2]) == [(1, "complete"), (2, "pruned")] and order[2] == (0, "complete")
     assert ok.state == "complete" and not ok.attrs["diverged"] and ok.attrs["steps_run"] == 60
     assert len(ok.attrs["seed_values"]) == 2 and ok.value == pytest.approx(sum(ok.attrs["seed_values"]) / 2)
     assert bad.state == "complete" and bad.attrs["diverged"] and bad.value > ok.value
@@ -224,11 +227,11 @@ def test_a_group_that_does_not_fit_runs_in_halves(tmp_path, monkeypatch):
 
     real, sizes = tuning.run_group, []
 
-    def tight(recipe, width, device, trials, hps, val, vectorise=True):
+    def tight(recipe, width, device, trials, hps, val, vectorise=True, done=None):
         sizes.append(len(trials))
         if len(trials) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(recipe, width, device, trials, hps, val, vectorise)
+        return real(recipe, width, device, trials, hps, val, vectorise, done)
 
     monkeypatch.setattr(tuning, "run_group", tight)
     _qs(tmp_path, trials=7)
