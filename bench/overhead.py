@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer import experiment  # noqa: E402
-from mutransfer.hparams import HParams  # noqa: E402
-from mutransfer.parametrize import build_model, make_optimizer  # noqa: E402
-from mutransfer.recipe import load_recipe  # noqa: E402
-from mutransfer.train import train  # noqa: E402
+from mutransfer.run import experiment# noqa: E402
+from mutransfer.engine.hparams import HParams  # noqa: E402
+from mutransfer.engine.parametrize import build_model, make_optimizer  # noqa: E402
+from mutransfer.run.recipe import load_recipe  # noqa: E402
+from mutransfer.run.train import train  # noqa: E402
 
 
 class StepTimes:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch, statistics
-from mutransfer import experiment
-from mutransfer.recipe import load_recipe
-from mutransfer.parametrize import build_model, make_optimizer
-from mutransfer.hparams import HParams
-from mutransfer.train import loss_fn
+from mutransfer.run import experiment
+from mutransfer.run.recipe import load_recipe
+from mutransfer.engine.parametrize import build_model, make_optimizer
+from mutransfer.engine.hparams import HParams
+from mutransfer.run.train import loss_fn
 r = load_recipe('bench/gpt-2048.yaml'); hp = HParams.from_train(r.train)
 mup = experiment.build(r, 2048, hp, device='cuda')
 torch.manual_seed(0)

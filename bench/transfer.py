@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer import sweep as sw  # noqa: E402
+from mutransfer.commands import sweep as sw# noqa: E402
 from mutransfer.errors import UserError  # noqa: E402
-from mutransfer.recipe import load_recipe  # noqa: E402
-from mutransfer.sweep_fit import mean_or_none, optimum  # noqa: E402
+from mutransfer.run.recipe import load_recipe  # noqa: E402
+from mutransfer.report.sweep_fit import mean_or_none, optimum  # noqa: E402
 
 
 DEVICE = "cpu"
@@ -51,9 +51,9 @@ def _seconds(res):
 
 def _tune_with_optuna(recipe, a, proxy: int, workdir: Path) -> float:
     """lr* from mutransfer.tune's library function: an Optuna study over lr only at the proxy."""
-    from mutransfer.tuning import make_options, tune
-    from mutransfer.hparams_file import read_hparams_file
-    from mutransfer.recipe import Range
+    from mutransfer.commands.tuning import make_options, tune
+    from mutransfer.run.hparams_file import read_hparams_file
+    from mutransfer.run.recipe import Range
 
     r = recipe.model_copy(deep=True)
     r.search.params = {"lr": r.search.params.get("lr") or Range(low=min(a._values), high=max(a._values), log=True)}

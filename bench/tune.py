@@ -34,11 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer import experiment  # noqa: E402
-from mutransfer.recipe import load_recipe  # noqa: E402
-from mutransfer.shapes import build_meta  # noqa: E402
-from mutransfer.train import loss_fn  # noqa: E402
-from mutransfer.tuning import Objective, make_pruner, make_sampler, report_every  # noqa: E402
+from mutransfer.run import experiment# noqa: E402
+from mutransfer.run.recipe import load_recipe  # noqa: E402
+from mutransfer.engine.shapes import build_meta  # noqa: E402
+from mutransfer.run.train import loss_fn  # noqa: E402
+from mutransfer.commands.tuning import Objective, make_pruner, make_sampler, report_every  # noqa: E402
 
 
 def with_overrides(recipe, steps, seeds):

@@ -53,12 +53,12 @@ def step_table(recipe_path: Path, groups: list[int], device: str, width: int | N
     """ms per trial-step of a group of B trials through THE loop (no evaluation)."""
     import torch
 
-    from mutransfer import experiment
-    from mutransfer.batched_trials import build_batch
-    from mutransfer.hparams import HParams
-    from mutransfer.recipe import load_recipe
-    from mutransfer.train import train
-    from mutransfer.trial_batch import SlotData, make_optimizer
+    from mutransfer.run import experiment
+    from mutransfer.run.batched_trials import build_batch
+    from mutransfer.engine.hparams import HParams
+    from mutransfer.run.recipe import load_recipe
+    from mutransfer.run.train import train
+    from mutransfer.run.trial_batch import SlotData, make_optimizer
     from mutransfer.threads import configure
 
     configure()

@@ -71,7 +71,7 @@ def handle_errors(fn):
 
 
 def _recipe(path: Path):
-    from .recipe import load_recipe
+    from .run.recipe import load_recipe
 
     return load_recipe(path)
 
@@ -95,7 +95,7 @@ def tune(
     threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: the CPUs available / workers)"),
 ):
     """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
-    from .tuning import tune_command
+    from .commands.tuning import tune_command
 
     code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth, device,
                         parallel_trials, threads)
@@ -122,7 +122,7 @@ def scale(
     depth: Optional[int] = typer.Option(None, help="target depth (recipes with depths:; default depths.target)"),
 ):
     """Rescale every layer by the spectral rule and train the wide target."""
-    from .explain import explain, render, write_json
+    from .report.explain import explain, render, write_json
 
     r = _recipe(recipe)
     w = width if width is not None else r.widths.target
@@ -130,10 +130,10 @@ def scale(
         raise UserError("--width", "must be > 0")
     if dry_run:
         from .outputs_guard import check_output
-        from .scale import resolve_hparams
+        from .commands.scale import resolve_hparams
         check_output(json_path, "--json", "plan", [recipe], ".json")
         if depth is not None or r.depths is not None:
-            from .experiment import at_depth
+            from .run.experiment import at_depth
             r = at_depth(r, depth if depth is not None else r.depths.target)
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
         make_console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
@@ -144,7 +144,7 @@ def scale(
         if json_path:
             write_json(plan, cost, json_path)
         return
-    from .scale import ScaleOptions, run_scale
+    from .commands.scale import ScaleOptions, run_scale
 
     res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device, compile, fsdp,
                                  checkpoint_every, resume, str(out) if out else None, log=tuple(log), depth=depth))
@@ -169,7 +169,7 @@ def coord_check(
     width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
 ):
     """Train at several widths for a few steps and flag activations or updates that blow up."""
-    from .coord_report import coord_check_command
+    from .commands.coord_check import coord_check_command
 
     code = coord_check_command(_recipe(recipe), widths, steps, seeds, lr, optimizer, parametrization,
                                json_path, plot, device, depths=depths, width=width)
@@ -198,7 +198,7 @@ def sweep(
     width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
 ):
     """Loss against LR at several widths, muP and SP: does the optimum stay put? (cached per point)"""
-    from .sweep import sweep_command
+    from .commands.sweep import sweep_command
 
     code = sweep_command(recipe, widths, lrs, lr_range, param, parametrization, seeds, steps, batch_size,
                          workers, device, json_path, plot, log=tuple(log), depths=depths, width=width)
@@ -214,7 +214,7 @@ def export_cmd(
     checkpoint: Optional[str] = typer.Option(None, help="checkpoint file (default: the newest)"),
 ):
     """Write the trained target as a plain state_dict + config.json, usable without mutransfer."""
-    from .load import export
+    from .commands.load import export
 
     folder, notes = export(run, out, checkpoint)
     for n in notes:

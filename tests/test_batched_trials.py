@@ -13,12 +13,12 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from mutransfer import experiment
-from mutransfer.batched_trials import build_batch, probe, run_group
-from mutransfer.hparams import HParams
-from mutransfer.recipe import load_recipe, parse_recipe
-from mutransfer.train import train
-from mutransfer.trial_batch import SlotData, make_optimizer
+from mutransfer.run import experiment
+from mutransfer.run.batched_trials import build_batch, probe, run_group
+from mutransfer.engine.hparams import HParams
+from mutransfer.run.recipe import load_recipe, parse_recipe
+from mutransfer.run.train import train
+from mutransfer.run.trial_batch import SlotData, make_optimizer
 
 from helpers import cli_in  # tests/ is on sys.path
 
@@ -223,7 +223,7 @@ def test_frozen_parameters_stay_frozen():
 
 def test_a_group_that_does_not_fit_runs_in_halves(tmp_path, monkeypatch):
     """CUDA out of memory for a group: the same trials run in halves; later groups stay smaller."""
-    from mutransfer import tuning
+    from mutransfer.commands import tuning
 
     real, sizes = tuning.run_group, []
 

@@ -13,12 +13,12 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from mutransfer import coord
+from mutransfer.run import coord
 from mutransfer.cli import app
-from mutransfer.coord_report import to_json
+from mutransfer.report.coord_report import to_json
 from mutransfer.errors import UserError
-from mutransfer.recipe import load_recipe, parse_recipe
-from mutransfer.train import TrainConfig, train
+from mutransfer.run.recipe import load_recipe, parse_recipe
+from mutransfer.run.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))   # coord_models, for "coord_models:NAME" factories

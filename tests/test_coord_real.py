@@ -12,10 +12,10 @@ import yaml
 from typer.testing import CliRunner
 
 import mutransfer
-from mutransfer import coord
+from mutransfer.run import coord
 from mutransfer.cli import app
 from mutransfer.models import gpt
-from mutransfer.recipe import parse_recipe
+from mutransfer.run.recipe import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 import real_models  # noqa: E402,F401  (factories by name)

@@ -8,11 +8,11 @@ import torch
 import yaml
 from torch import nn
 
-from mutransfer import depth as rule
-from mutransfer import experiment
-from mutransfer.branches import find_branches
+from mutransfer.engine import depth as rule
+from mutransfer.run import experiment
+from mutransfer.engine.branches import find_branches
 from mutransfer.models import gpt, resmlp
-from mutransfer.recipe import parse_recipe
+from mutransfer.run.recipe import parse_recipe
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
 

@@ -14,11 +14,11 @@ import yaml
 from typer.testing import CliRunner
 
 import mutransfer
-from mutransfer import experiment
+from mutransfer.run import experiment
 from mutransfer.cli import app
 from mutransfer.models import gpt
-from mutransfer.recipe import load_recipe
-from mutransfer.train import evaluate
+from mutransfer.run.recipe import load_recipe
+from mutransfer.run.train import evaluate
 import sys as _sys
 _sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from helpers import cli_in  # noqa: E402

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mutransfer import HParams, make_plan
 from mutransfer.cli import app
 from mutransfer.models import gpt
-from mutransfer.shapes import infer_shapes
+from mutransfer.engine.shapes import infer_shapes
 
 ARGS = {"layers": 2, "heads": 4, "vocab": 96, "seq_len": 16}
 RECIPE = {
@@ -90,8 +90,8 @@ def test_bad_width_flag(tmp_path, monkeypatch, width):
 def test_shipped_recipes_explain(name):
     from pathlib import Path
 
-    from mutransfer.explain import explain
-    from mutransfer.recipe import load_recipe
+    from mutransfer.report.explain import explain
+    from mutransfer.run.recipe import load_recipe
 
     r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
     plan, shapes, cost = explain(r, r.widths.target)

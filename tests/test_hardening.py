@@ -17,10 +17,10 @@ import yaml
 
 from mutransfer import atomic
 from mutransfer.cli import main
-from mutransfer.recipe import resolve_factory
-from mutransfer.scale import RunLock
-from mutransfer.study import open_storage, repair_journal
-from mutransfer.sweep import Point
+from mutransfer.run.recipe import resolve_factory
+from mutransfer.commands.scale import RunLock
+from mutransfer.run.study import open_storage, repair_journal
+from mutransfer.commands.sweep import Point
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
 

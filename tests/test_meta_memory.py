@@ -9,7 +9,7 @@ import json, math, resource
 import torch
 from mutransfer import HParams, make_plan
 from mutransfer.models import gpt
-from mutransfer.shapes import infer_shapes
+from mutransfer.engine.shapes import infer_shapes
 torch.set_num_threads(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 args = dict(layers=16, heads=16, vocab=50304, seq_len=1024)

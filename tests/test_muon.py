@@ -8,10 +8,10 @@ import torch
 import yaml
 from torch import nn
 
-from mutransfer import spectral
-from mutransfer.coord import loglog_slope
-from mutransfer.hparams import HParams
-from mutransfer.parametrize import parametrize
+from mutransfer.engine import spectral
+from mutransfer.run.coord import loglog_slope
+from mutransfer.engine.hparams import HParams
+from mutransfer.engine.parametrize import parametrize
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
 

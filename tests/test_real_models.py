@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from mutransfer import coord, experiment
-from mutransfer.hparams import HParams
+from mutransfer.run import coord, experiment
+from mutransfer.engine.hparams import HParams
 from mutransfer.models import gpt
-from mutransfer.parametrize import parametrize
-from mutransfer.recipe import parse_recipe
-from mutransfer.shapes import infer_shapes
+from mutransfer.engine.parametrize import parametrize
+from mutransfer.run.recipe import parse_recipe
+from mutransfer.engine.shapes import infer_shapes
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
 
@@ -297,7 +297,7 @@ def test_hf_factory_mistakes_are_named(tmp_path):
 
 
 def test_hf_width_fields_round():
-    from mutransfer.hf import width_value
+    from mutransfer.models.hf import width_value
     assert width_value(8 / 3, 64, 8) == 168 and width_value(8 / 3, 96, 8) == 256 and width_value(0.01, 64, 8) == 8
 
 

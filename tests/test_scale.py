@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mutransfer.cli import app
-from mutransfer.hparams_file import write_hparams_file
-from mutransfer.scale import transfer_check
+from mutransfer.run.hparams_file import write_hparams_file
+from mutransfer.commands.scale import transfer_check
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -247,7 +247,7 @@ def test_torchrun_two_processes_match_one_ddp_then_fsdp_resuming(recipe, referen
 
 
 def test_data_position_restores_by_skipping_or_by_state_dict():
-    from mutransfer.checkpoint import Resumable
+    from mutransfer.run.checkpoint import Resumable
 
     def stream(seed):
         g = torch.Generator().manual_seed(seed)
@@ -286,7 +286,7 @@ def test_data_position_restores_by_skipping_or_by_state_dict():
 def test_rng_states_round_trip():
     import random
 
-    from mutransfer.checkpoint import rng_state, set_rng_state
+    from mutransfer.run.checkpoint import rng_state, set_rng_state
 
     st = rng_state()
     want = (torch.rand(3), random.random())
@@ -297,8 +297,8 @@ def test_rng_states_round_trip():
 
 
 def test_transfer_is_relative_to_the_width_the_file_was_tuned_at(recipe, tmp_path):
-    from mutransfer.recipe import load_recipe
-    from mutransfer.scale import resolve_hparams
+    from mutransfer.run.recipe import load_recipe
+    from mutransfer.commands.scale import resolve_hparams
 
     r = load_recipe(recipe)
     p = write_hparams_file(tmp_path / "h.yaml", recipe="tiny.yaml", proxy_width=8, optimizer="adamw",

@@ -5,7 +5,7 @@ from torch import nn
 
 from mutransfer import UserError
 from mutransfer.models import cnn, gpt, mlp
-from mutransfer.shapes import build_meta, fans, infer_shapes
+from mutransfer.engine.shapes import build_meta, fans, infer_shapes
 
 
 def roles(shapes):

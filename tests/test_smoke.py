@@ -4,7 +4,7 @@ import math
 from mutransfer import HParams, parametrize
 from mutransfer.data import pysource
 from mutransfer.models import gpt
-from mutransfer.train import TrainConfig, train
+from mutransfer.run.train import TrainConfig, train
 
 
 def test_gpt_trains_a_few_steps():

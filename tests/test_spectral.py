@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mutransfer import spectral
+from mutransfer.engine import spectral
 
 
 def test_init_std_is_min_one_sqrt_ratio_over_sqrt_fan_in():
@@ -87,13 +87,17 @@ def test_mup_departure_only_where_a_fixed_dim_exceeds_the_width():
     assert spectral.mup_departure("hidden", 512, 128) is None
 
 
-def test_spectral_module_imports_no_torch():
-    path = Path(__file__).resolve().parents[1] / "mutransfer" / "spectral.py"
+@pytest.mark.parametrize("module,check", [("spectral", "m.init_std(4, 16) == 0.5"),
+                                          ("depth", "m.branch_multiplier(2, 8, 1.0) == 0.25")])
+def test_rule_modules_import_no_torch(module, check):
+    """The rules are pure functions a reader can check against their source: no torch (nor anything of
+    the package) needed to import and run them."""
+    path = Path(__file__).resolve().parents[1] / "mutransfer" / "engine" / f"{module}.py"
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('spectral_alone', {str(path)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('rule_alone', {str(path)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "assert m.init_std(4, 16) == 0.5\n"
+        f"assert {check}\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

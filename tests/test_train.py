@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mutransfer.train import TrainConfig, lr_factor, train
+from mutransfer.run.train import TrainConfig, lr_factor, train
 
 
 def _mlp(seed=0):

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from mutransfer.cli import app
-from mutransfer.hparams_file import read_hparams_file
-from mutransfer.study import HEARTBEAT_ATTR, count_finished, fail_stale, open_storage
+from mutransfer.run.hparams_file import read_hparams_file
+from mutransfer.run.study import HEARTBEAT_ATTR, count_finished, fail_stale, open_storage
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

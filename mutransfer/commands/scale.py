@@ -1,0 +1,423 @@
+"""`mutransfer scale`: train the wide target with the transferred hyperparameters.
+
+    run_scale(ScaleOptions(recipe="recipes/gpt-pysource.yaml", width=1024, ...)) -> ScaleResult
+
+Order of work: everything that can be wrong with the input (recipe, hparams file, flags, data, an
+incompatible checkpoint) is checked before anything is written. Then DIR receives the resolved
+recipe, the hparams used, the plan (the dry-run JSON) and package versions; the model is built at
+the target width relative to the width the hparams were tuned at, wrapped for torch.distributed when
+launched by torchrun, and trained by THE loop (train.train) with callbacks for metrics, the progress
+bar, checkpoints and signals. At the end the validation loss is compared with the proxy's (TP5:
+wider must not be worse).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from rich.console import Console
+
+from ..console import make_console
+from ..atomic import clean_stale_temporaries, write_text
+from ..run import checkpoint as C
+from ..run import distributed as D
+from ..run import experiment
+from ..errors import UserError
+from ..report.explain import estimate_cost, write_json
+from ..outputs_guard import check_out_dir, marker
+from ..engine.hparams import HParams
+from ..report.loggers import Loggers, check_kinds
+from ..run.hparams_file import apply_hparams_file, default_path, read_hparams_file
+from ..run.metrics import LiveProgress, MetricsFile, peak_flops
+from ..engine.parametrize import make_optimizer, param_groups
+from ..run.recipe import Recipe, load_recipe, recipe_to_dict
+from ..run.train import train
+
+
+@dataclass
+class ScaleOptions:
+    recipe: str
+    hparams: Optional[str] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    out: Optional[str] = None
+    runs_dir: str = "runs"
+    log: tuple = ()              # --log tensorboard|wandb|csv (loggers.py)
+    depth: Optional[int] = None  # target depth (default depths.target; recipes with depths: only)
+
+
+@dataclass
+class ScaleResult:
+    exit_code: int
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class HParamsSource:
+    hparams: HParams
+    base_width: int
+    source: str                        # human-readable: which file, or the recipe's values
+    file: Optional[dict] = None        # the parsed hparams file, if any
+    base_depth: Optional[int] = None   # the depth the values were tuned at (recipes with depths:)
+
+
+def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs") -> HParamsSource:
+    """--hparams PATH, else runs/<name>/hparams.yaml if it exists, else the recipe's base values."""
+    base = HParams.from_train(recipe.train)
+    if path is None:
+        p = default_path(recipe.name, runs_dir)
+        if not p.is_file():
+            return HParamsSource(base, recipe.widths.proxy, f"the recipe's base values (no {p})", None,
+                                 recipe.depths.proxy if recipe.depths is not None else None)
+        where = str(p)
+    else:
+        p, where = Path(path), "--hparams"
+        if not p.is_file():
+            raise UserError("--hparams", f"file not found: {p}")
+    d = read_hparams_file(p)
+    hp = apply_hparams_file(base, d, recipe.train.optimizer, f"{where} ({p})" if path is not None else where)
+    bw = d["proxy_width"]
+    if not isinstance(bw, int) or isinstance(bw, bool) or bw <= 0:
+        raise UserError(f"{p}: proxy_width", "must be a positive integer")
+    bd = d.get("proxy_depth")
+    if recipe.depths is not None and bd is not None and (isinstance(bd, bool) or not isinstance(bd, int) or bd < 1):
+        raise UserError(f"{p}: proxy_depth", f"must be a positive integer, got {bd!r}")
+    return HParamsSource(hp, bw, f"tuned values from {p}", d, bd if recipe.depths is not None else None)
+
+
+def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) -> dict:
+    """TP5, wider is better: the target's validation loss against the proxy's best (same steps)."""
+    if file is None or file.get("best_value") is None:
+        return {"status": "skipped", "message": "no tuned proxy loss to compare with"}
+    best = float(file["best_value"])
+    if file.get("steps") != steps:
+        return {"status": "skipped", "proxy": best,
+                "message": f"the proxy was tuned with {file.get('steps', 'an unknown number of')} steps, "
+                           f"the target ran {steps}: losses are not comparable"}
+    if val_loss is None or not math.isfinite(val_loss):
+        return {"status": "skipped", "proxy": best, "message": "no final validation loss"}
+    if val_loss > best:
+        return {"status": "failed", "proxy": best, "target": val_loss,
+                "message": f"TRANSFER FAILED: the wider target's validation loss {val_loss:.4f} is WORSE than "
+                           f"the proxy's {best:.4f} at the same steps (+{val_loss - best:.4f})"}
+    return {"status": "ok", "proxy": best, "target": val_loss,
+            "message": f"wider is better: validation loss {val_loss:.4f} <= proxy's {best:.4f} ({val_loss - best:+.4f})"}
+
+
+def fingerprint(recipe: Recipe, width: int, src: HParamsSource, world: int, per_rank_batch: int) -> dict:
+    """What a checkpoint must agree with to be resumed (steps may change; logging settings may too)."""
+    r = recipe_to_dict(recipe)
+    t = {k: v for k, v in r["train"].items() if k not in ("steps", "eval_every", "eval_batches", "log_every")}
+    return {"model": r["model"], "data": r["data"], "loss": r["loss"], "layouts": r["layouts"], "train": t,
+            "width": width, "base_width": src.base_width, "hparams": src.hparams.flat(), "world_size": world,
+            "per_rank_batch": per_rank_batch, "depth": experiment.depth_of(recipe), "base_depth": src.base_depth}
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if json.dumps(a.get(k), sort_keys=True, default=str)
+            != json.dumps(b.get(k), sort_keys=True, default=str)]
+
+
+def versions() -> dict:
+    import mutransfer
+
+    v = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+         "mutransfer": mutransfer.__version__, "cuda": torch.version.cuda,
+         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    from importlib.metadata import PackageNotFoundError, version
+    for name, dist in (("optuna", "optuna"), ("pydantic", "pydantic"), ("typer", "typer"), ("rich", "rich"),
+                       ("yaml", "pyyaml"), ("numpy", "numpy"), ("transformers", "transformers")):
+        try:
+            v[name] = version(dist)       # package metadata: rich has no __version__ attribute
+        except PackageNotFoundError:
+            pass
+    return v
+
+
+def run_scale(o: ScaleOptions, console: Optional[Console] = None) -> ScaleResult:
+    """Train the target (see _run_scale); the run folder's lock is released however it ends."""
+    try:
+        return _run_scale(o, console)
+    finally:
+        for lk in list(RunLock.held):
+            lk.release()
+
+
+def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
+    console = console or make_console()
+    recipe = load_recipe(o.recipe)
+    if o.depth is not None or recipe.depths is not None:
+        recipe = experiment.at_depth(recipe, o.depth if o.depth is not None else recipe.depths.target)
+    width = o.width if o.width is not None else recipe.widths.target
+    if width <= 0:
+        raise UserError("--width", "must be > 0")
+    if o.steps is not None and o.steps <= 0:
+        raise UserError("--steps", "must be > 0")
+    if o.checkpoint_every < 0:
+        raise UserError("--checkpoint-every", "must be >= 0")
+    steps = o.steps or recipe.train.steps
+    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
+        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    device = experiment.resolve_device(o.device)
+    d = D.setup(device)
+    try:
+        return _run(o, recipe, width, steps, d, console)
+    finally:
+        D.teardown()
+
+
+def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, console: Console) -> ScaleResult:
+    out_console = console if d.main else Console(quiet=True)
+    t = recipe.train
+    if t.batch_size % d.world:
+        raise UserError("train.batch_size", f"{t.batch_size} is not divisible by the {d.world} processes")
+    per_rank = t.batch_size // d.world
+    src = resolve_hparams(recipe, o.hparams, o.runs_dir)
+    if src.base_width > width:
+        raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
+    if o.fsdp and not d.enabled:
+        raise UserError("--fsdp", "FSDP needs several processes: launch with torchrun --nproc-per-node N")
+    if o.fsdp and t.optimizer == "muon":
+        raise UserError("--fsdp", "optimizer: muon orthogonalises whole matrices, which FSDP2 shards across "
+                        "processes; use DDP (no --fsdp) with muon")
+    dep = experiment.depth_of(recipe)
+    default_out = Path(o.runs_dir) / recipe.name / (f"scale-{width}" + (f"-d{dep}" if dep is not None else ""))
+    out = check_out_dir(Path(o.out) if o.out else default_out, "--out")
+    ck_dir = out / "checkpoints"
+    for name in SCALE_FILES:      # never overwrite what another command (tune) or the user put there
+        f = out / name
+        if f.exists() and not _is_ours(f):
+            raise UserError("--out", f"{out} holds {name}, which no scale run wrote; choose another --out")
+    fp = fingerprint(recipe, width, src, d.world, per_rank)
+
+    # --- everything that can fail on bad input, before anything is written
+    log_kinds = check_kinds(list(o.log))
+    experiment.shapes_for(recipe, width)
+    experiment.check_fits(recipe, width, "--width", d.device)
+    data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
+    experiment.check_model_output(recipe, experiment.first_batch(
+        C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))))
+    val = experiment.val_batches(recipe, t.eval_batches, seed=t.seed)
+    experiment.check_batches_agree(experiment.first_batch(
+        C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))), val[0])
+    experiment.check_model_output(recipe, val[0], where="data (validation)")
+    ckpt, start = None, 0
+    newest = C.latest(ck_dir)
+    if o.resume and newest is not None:
+        try:
+            ckpt = C.load(newest)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(str(newest), f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+        bad = _diff(ckpt.get("fingerprint", {}), fp)
+        if bad:
+            raise UserError("--resume", f"{newest} was made with a different {', '.join(bad)}; "
+                                        "use another --out to start a new run")
+        start = int(ckpt["step"])
+        if start > steps:
+            raise UserError("--steps", f"{steps} is below the checkpoint's step {start}")
+    elif not o.resume and (newest is not None or (out / "metrics.jsonl").exists()) and not (
+            newest is None and _read_summary(out / "summary.json").get("status") == "failed"):
+        raise UserError("--out", f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if o.resume and ckpt is not None and start >= steps and (out / "summary.json").exists():
+        prior = _read_summary(out / "summary.json")
+        if prior.get("status") == "finished":
+            out_console.print(f"{out}: already finished ({start} of {steps} steps); nothing to do", highlight=False)
+            return ScaleResult(0, prior)
+    lock = RunLock(out) if d.main else None
+    if lock is not None:
+        lock.acquire()      # a second scale on the same folder: one line, exit 2
+        clean_stale_temporaries(out)
+        clean_stale_temporaries(ck_dir)
+
+    def say(msg: str) -> None:
+        out_console.print(msg, highlight=False, soft_wrap=True)
+
+    say(f"[bold]hparams[/]: {src.source}")
+    if o.resume and ckpt is None:
+        say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
+    if ckpt is not None:
+        say(f"[bold]resuming[/] from {newest} (step {start} of {steps})")
+
+    # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
+    pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width,
+                          base_depth=src.base_depth)
+    plan = pm.plan
+    model, no_sync = D.wrap(pm.model, d, o.fsdp)
+    optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer, src.hparams,
+                               torch.device(d.device))
+    n_params = plan.numel
+    if ckpt is not None:
+        C.restore(ckpt, model, optimizer, data, d)
+        first_loss = ckpt.get("first_loss")
+        del ckpt
+
+    # --- the record of the run (rank 0)
+    cost = estimate_cost(recipe, plan, width)
+    flops_per_sample = cost.flops_per_step / (t.batch_size * t.grad_accum) if cost.flops_per_step else None
+    peak = peak_flops(d.device)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+        write_text(out / "hparams.yaml", yaml.safe_dump(
+            {"written_by": marker("scale run"), "source": src.source, "proxy_width": src.base_width, "width": width,
+             "proxy_depth": src.base_depth, "depth": experiment.depth_of(recipe), "optimizer": t.optimizer,
+             "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
+        write_json(plan, cost, out / "plan.json")
+        v = versions()
+        v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device,
+                  "written_by": marker("scale run")})
+        write_text(out / "versions.json", json.dumps(v, indent=1))
+    D.barrier(d)
+
+    cfg = experiment.train_config(recipe, d.device, steps=steps, start_step=start)
+    forward = torch.compile(model) if o.compile else None
+    metrics = MetricsFile(out / "metrics.jsonl", src.hparams.lr, flops_per_sample, peak, d.world, start) if d.main else None
+    ckpt_cb = C.Checkpointer(ck_dir, o.checkpoint_every, data, d, {"fingerprint": fp})
+    if start:
+        ckpt_cb.first_loss = first_loss
+    callbacks: list[Any] = [C.StopOnSignal(d)]
+    if metrics is not None:
+        callbacks += [metrics, LiveProgress(out_console, steps, start, metrics)]
+    if d.main and log_kinds:
+        callbacks.append(Loggers(log_kinds, out, f"{recipe.name}-scale-{width}",
+                                 {"width": width, "proxy_width": src.base_width, **src.hparams.flat()}))
+    callbacks.append(ckpt_cb)
+
+    say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
+        f"{steps} steps, global batch {t.batch_size * t.grad_accum}, device {d.device}"
+        + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""))
+    try:
+        state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward,
+                      no_sync=no_sync)
+    except UserError as e:     # bad data found mid-run: record it, so a rerun is not blocked by this folder
+        if d.main:
+            write_text(out / "summary.json", json.dumps({"status": "failed", "reason": f"{e.where}: {e.message}",
+                                                         "written_by": marker("scale run")}, indent=1))
+            if lock is not None:
+                lock.release()
+        raise
+
+    # --- the outcome
+    typical = metrics.typical() if metrics is not None else {}
+    summary: dict[str, Any] = {
+        "recipe": recipe.name, "width": width, "proxy_width": src.base_width, "parameters": n_params,
+        "steps": state.step, "steps_planned": steps, "train_loss": state.loss, "val_loss": state.val_loss,
+        "samples_per_s": typical.get("samples_per_s", state.samples_per_s),
+        "tokens_per_s": typical.get("tokens_per_s"), "mfu": typical.get("mfu"),
+        "hparams": src.source, "out": str(out), "metrics": str(out / "metrics.jsonl"),
+        "checkpoints": str(ck_dir), "world_size": d.world, "written_by": marker("scale run"),
+    }
+    code = 0
+    if state.diverged:
+        good = C.latest(ck_dir)
+        summary["status"] = "diverged"
+        summary["reason"] = state.reason
+        say(f"[red bold]training stopped[/]: {state.reason}; "
+            + (f"the last good checkpoint is {good}" if good else "no checkpoint was written (use --checkpoint-every)"))
+        code = 1
+    elif state.stop == "interrupted":
+        summary["status"] = "interrupted"
+        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {ck_dir}; continue with --resume")
+        code = 130
+    else:
+        summary["status"] = "finished"
+        summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps)
+        colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
+        say(f"[{colour}]{check['message']}[/]")
+    if d.main:
+        write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, default=str, allow_nan=False))
+        _print_summary(summary, say)
+        if lock is not None:
+            lock.release()
+    D.barrier(d)     # every rank leaves together: a rank tearing down its process group while another
+    return ScaleResult(code, summary)   # still writes made gloo abort ("terminate called ...") now and then
+
+
+SCALE_FILES = ("recipe.yaml", "hparams.yaml", "plan.json", "versions.json", "summary.json")
+
+
+def _is_ours(f: Path) -> bool:
+    """A file a scale run wrote (its marker), or an earlier run's recipe.yaml / metrics beside one."""
+    if f.name == "recipe.yaml":
+        return (f.parent / "summary.json").exists() or (f.parent / "versions.json").exists() \
+            or (f.parent / "plan.json").exists()
+    try:
+        head = f.read_bytes()[:1 << 16]
+    except OSError:
+        return False
+    return marker("scale run").encode() in head or (f.name == "plan.json" and marker("plan").encode() in head)
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _finite(x):
+    """NaN / inf become null: summary.json stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on OUT/.lock), held for the whole run."""
+    held: list = []
+
+    def __init__(self, folder: Path):
+        self.folder, self.fd = folder, None
+
+    def acquire(self) -> None:
+        import fcntl
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            RunLock.held.append(self)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError("--out", f"another scale run is using {self.folder}; wait for it or choose another --out") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        if self in RunLock.held:
+            RunLock.held.remove(self)
+
+
+def _print_summary(s: dict, say) -> None:
+    def f(x, fmt="{:.4f}"):
+        return "-" if x is None else fmt.format(x)
+
+    say(f"[bold]summary[/]: {s['parameters']:,} parameters, {s['steps']}/{s['steps_planned']} steps, "
+        f"train loss {f(s['train_loss'])}, val loss {f(s['val_loss'])}, "
+        + (f"{s['tokens_per_s']:,.0f} tokens/s, " if s.get("tokens_per_s") is not None else "")
+        + f"{f(s['samples_per_s'], '{:,.1f}')} samples/s (median over logging intervals)"
+        + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""))
+    if s.get("transfer", {}).get("status") == "failed":
+        say(f"[red bold]{s['transfer']['message']}[/]")
+    say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}")

@@ -1,0 +1,535 @@
+"""`mutransfer sweep`: the loss against the learning rate (or another tunable) at several widths, under
+muP and under the SP control. Under muP the optimum should stay put as the width grows; under SP it drifts.
+
+Each grid point (parametrization, width, value, seed) is one short run through experiment.build() and
+train.train(). Its loss is the training loss averaged over the last `average_last` steps (as in TP5,
+which plots training loss; the built-in streams draw fresh random batches, so the training loss is
+not a memorised-batch loss). A point is cached as one JSON file under runs/<name>/sweep/<fingerprint>/
+(the fingerprint hashes everything else that changes the result), written atomically when it finishes, so an interrupted or repeated sweep skips what is done. A diverged point
+(a non-finite loss, or a loss above `divergence_factor` x its first) is kept with a null loss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import time
+from collections import deque
+from contextlib import contextmanager
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Optional
+
+from ..console import PlainLines, make_console
+from ..atomic import write_json
+from ..outputs_guard import check_output as guard, marker
+from ..report.loggers import Loggers, check_kinds
+from ..signals import available_cpus
+from ..threads import choose as threads_choose
+from ..errors import UserError
+from ..engine.hparams import MULTIPLIER_NAMES
+from ..run.recipe import Recipe, recipe_to_dict
+from ..report.sweep_fit import Optimum, drift, mean_or_none, optimum, shared_index, wider_is_better
+
+PARAMETRIZATIONS = ("mup", "sp")
+# tunables a sweep can vary: positive numbers, so a log2 axis makes sense
+SWEEPABLE = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
+LABEL = {"mup": "μP", "sp": "SP"}
+
+
+@dataclass(frozen=True)
+class Point:
+    parametrization: str
+    width: int
+    value: float
+    seed: int
+
+    def filename(self, param: str) -> str:
+        # the value's full precision (repr is exact): LRs closer than 6 digits must not share a file
+        return f"{self.parametrization}-w{self.width}-{param}{float(self.value)!r}-s{self.seed}.json"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    param: str
+    values: tuple[float, ...]
+    widths: tuple[int, ...]
+    parametrizations: tuple[str, ...]
+    seeds: int
+    steps: int
+    batch_size: int
+    average_last: int
+    divergence_factor: float
+    # depth sweep (`--depths`): `widths` holds the depths and every model has this width; "mup" is the
+    # depth rule, "sp" the same model with every depth multiplier 1 (the width rule stays)
+    depth_width: Optional[int] = None
+
+    @property
+    def axis(self) -> str:
+        return "depth" if self.depth_width else "width"
+
+    def points(self) -> list[Point]:
+        return [Point(p, w, v, s) for p in self.parametrizations for w in self.widths
+                for v in self.values for s in range(self.seeds)]
+
+
+# ----------------------------------------------------------------------------------------------- input
+
+def parse_list(text: str, flag: str, kind=float) -> list:
+    try:
+        vals = [kind(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(flag, f"expected comma-separated {'integers' if kind is int else 'numbers'}, got {text!r}") from None
+    if not vals:
+        raise UserError(flag, "is empty")
+    return vals
+
+
+def parse_range(text: str, flag: str = "--lr-range") -> list[float]:
+    """'LOW:HIGH:POINTS' -> POINTS values log-spaced from LOW to HIGH inclusive."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise UserError(flag, f"expected LOW:HIGH:POINTS (e.g. 1e-4:1e-1:8), got {text!r}")
+    try:
+        lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise UserError(flag, f"expected LOW:HIGH:POINTS (e.g. 1e-4:1e-1:8), got {text!r}") from None
+    if not 0 < lo < hi or not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UserError(flag, f"needs 0 < LOW < HIGH, got {lo:g}:{hi:g}")
+    if n < 2:
+        raise UserError(flag, "needs at least 2 points")
+    a, b = math.log2(lo), math.log2(hi)
+    return [2 ** (a + (b - a) * i / (n - 1)) for i in range(n)]
+
+
+def default_widths(proxy: int, target: int) -> list[int]:
+    """proxy, 2 proxy, 4 proxy, ... up to target (target always included)."""
+    ws, w = [], proxy
+    while w < target:
+        ws.append(w)
+        w *= 2
+    return ws + [target]
+
+
+def default_values(center: float, octaves: int = 5) -> list[float]:
+    """One value per octave from center / 2^octaves to center x 2^octaves."""
+    return [center * 2.0 ** k for k in range(-octaves, octaves + 1)]
+
+
+def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Optional[list[float]] = None,
+                param: Optional[str] = None, parametrization: Optional[str] = None, seeds: Optional[int] = None,
+                steps: Optional[int] = None, batch_size: Optional[int] = None, depths: Optional[list[int]] = None,
+                width: Optional[int] = None) -> SweepConfig:
+    """Flags over the recipe's `sweep:` section over defaults; every value checked (UserError).
+    With `depths`, the sweep runs over depths at the fixed `width` (default widths.proxy)."""
+    s = recipe.sweep
+    if depths is not None:
+        if widths is not None:
+            raise UserError("--depths", "give --depths or --widths, not both")
+        if recipe.depths is None:
+            raise UserError("--depths", "the recipe has no depths: section (the depth rule's alpha and the depth argument)")
+        if any(d < 1 for d in depths):
+            raise UserError("--depths", "depths must be >= 1")
+        fixed = width or recipe.widths.proxy
+        if fixed < 1:
+            raise UserError("--width", "must be >= 1")
+        cfg = make_config(recipe, sorted(set(depths)), values, param, parametrization, seeds, steps, batch_size)
+        return SweepConfig(**{**cfg.__dict__, "depth_width": fixed})
+    if width is not None:
+        raise UserError("--width", "applies to depth sweeps (--depths) only")
+    param = param or s.param
+    if param not in SWEEPABLE:
+        raise UserError("--param", f"cannot sweep {param!r}; sweepable: {', '.join(SWEEPABLE)}")
+    ws = widths or s.widths or default_widths(recipe.widths.proxy, recipe.widths.target)
+    if any(w <= 0 for w in ws):
+        raise UserError("--widths", "widths must be > 0")
+    ws = sorted(set(int(w) for w in ws))
+    if values is None:
+        values = s.lrs if param == "lr" else s.values
+    if values is None:
+        from ..engine.hparams import HParams
+
+        center = float(HParams.from_train(recipe.train).flat().get(param, 1.0))
+        if not center > 0:
+            raise UserError("--lrs", f"the recipe's {param} is {center:g}; give the values to sweep with --lrs")
+        values = default_values(center)
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise UserError("--lrs", f"every {param} value must be a finite number > 0")
+    values = sorted(set(float(v) for v in values))
+    par = parametrization or s.parametrization
+    if par not in ("mup", "sp", "both"):
+        raise UserError("--parametrization", f"expected mup, sp or both, got {par!r}")
+    pars = PARAMETRIZATIONS if par == "both" else (par,)
+    seeds = seeds if seeds is not None else s.seeds
+    if seeds < 1:
+        raise UserError("--seeds", "must be >= 1")
+    steps = steps if steps is not None else (s.steps or recipe.train.steps)
+    if steps < 1:
+        raise UserError("--steps", "must be >= 1")
+    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
+        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    bs = batch_size if batch_size is not None else (s.batch_size or recipe.train.batch_size)
+    if bs < 1:
+        raise UserError("--batch-size", "must be >= 1")
+    last = s.average_last or max(1, min(steps, max(5, steps // 10)))
+    last = min(last, steps)
+    return SweepConfig(param, tuple(values), tuple(ws), pars, seeds, steps, bs, last, s.divergence_factor)
+
+
+def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
+    """Everything that changes a point's result besides the point itself."""
+    d = recipe_to_dict(recipe)
+    for k in ("name", "search", "coord_check", "sweep"):
+        d.pop(k, None)
+    d["widths"].pop("target", None)
+    d["sweep_run"] = {"param": cfg.param, "steps": cfg.steps, "batch_size": cfg.batch_size,
+                      "average_last": cfg.average_last, "divergence_factor": cfg.divergence_factor}
+    if cfg.depth_width:
+        d["sweep_run"]["depth_width"] = cfg.depth_width
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+class _Tail:
+    """Callback keeping the last n training losses."""
+
+    def __init__(self, n: int):
+        self.losses: deque = deque(maxlen=n)
+
+    def on_step(self, state) -> None:
+        self.losses.append(state.loss)
+
+
+def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu") -> dict:
+    """Train one grid point through the shared loop and return its record (loss None if diverged)."""
+    from ..run.experiment import build, data_stream, train_config
+    from ..engine.hparams import HParams
+    from ..run.train import train
+
+    hp = HParams.from_train(recipe.train).with_values({cfg.param: point.value})
+    seed = recipe.train.seed + point.seed
+    t0 = time.perf_counter()
+    if cfg.depth_width:      # a depth sweep: point.width is the depth; "sp" turns the depth rule off
+        from ..run.experiment import at_depth
+        recipe = at_depth(recipe, point.width)
+        pm = build(recipe, cfg.depth_width, hp, device=device, seed=seed, depth_rule_on=point.parametrization == "mup")
+    else:
+        pm = build(recipe, point.width, hp, device=device, seed=seed, parametrization=point.parametrization)
+    data = data_stream(recipe, "train", seed, batch_size=cfg.batch_size)
+    tail = _Tail(cfg.average_last)
+    state = train(pm.model, pm.optimizer, data, train_config(recipe, device, steps=cfg.steps,
+                  divergence_factor=cfg.divergence_factor), callbacks=[tail])
+    vals = list(tail.losses)
+    ok = not state.diverged and len(vals) == cfg.average_last and all(math.isfinite(v) for v in vals)
+    return {
+        "parametrization": point.parametrization, "width": point.width, "param": cfg.param,
+        "value": point.value, "seed": point.seed,
+        "loss": sum(vals) / len(vals) if ok else None,
+        "diverged": not ok, "reason": state.reason if not ok else "",
+        "first_loss": state.first_loss, "steps_done": state.step,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_json(path, data, allow_nan=False)
+
+
+def load_cached(path: Path, fp: str) -> Optional[dict]:
+    """A finished point's record, or None if absent, unreadable or from a different setup."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) and d.get("fingerprint") == fp else None
+
+
+def _run_and_store(recipe: Recipe, cfg: SweepConfig, point: Point, path: str, fp: str, device: str,
+                   threads: int = 0) -> dict:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        rec = run_point(recipe, cfg, point, device)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a point that crashes is reported, not cached (a rerun retries it)
+        return {"parametrization": point.parametrization, "width": point.width, "param": cfg.param,
+                "value": point.value, "seed": point.seed, "loss": None, "diverged": False,
+                "error": f"{type(e).__name__}: {e}"}
+    rec["fingerprint"] = fp
+    write_json_atomic(Path(path), rec)
+    return rec
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """In the main thread, SIGTERM raises KeyboardInterrupt (so worker processes are stopped too)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1, device: str = "cpu",
+             progress: bool = True) -> dict[Point, dict]:
+    """Every point's record: cached ones read back, the rest trained (largest widths first, so
+    parallel workers finish together) and cached as they finish."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    fp = fingerprint(recipe, cfg)
+    cache_dir = Path(cache_dir) / fp   # one folder per setup: sweeps with other steps/batch keep theirs
+    results: dict[Point, dict] = {}
+    todo: list[Point] = []
+    for p in cfg.points():
+        rec = load_cached(cache_dir / p.filename(cfg.param), fp)
+        if rec is not None and (rec.get("value") != p.value or rec.get("width") != p.width
+                                or rec.get("seed") != p.seed):
+            rec = None          # the cache must hold this very point, not a neighbour's
+        if rec is not None:
+            results[p] = rec
+        else:
+            todo.append(p)
+    # the SP control is the very same model as muP at the proxy width: train it once, record it twice
+    grid = set(cfg.points())
+    same = recipe.depths.proxy if cfg.depth_width else recipe.widths.proxy
+    twins = {p: Point("mup", p.width, p.value, p.seed) for p in todo
+             if p.parametrization == "sp" and p.width == same}
+    twins = {p: t for p, t in twins.items() if t in grid}
+    todo = [p for p in todo if p not in twins]
+    todo.sort(key=lambda p: (-p.width, p.parametrization, p.value, p.seed))
+    cols = (TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"))
+    with Progress(*cols, disable=not progress, transient=False) as bar:
+        task = bar.add_task("", total=len(cfg.points()), completed=len(results))
+        plain = PlainLines(bar.console, "sweep: points", len(cfg.points()), len(results)) if progress else None
+
+        def done(p: Point, rec: dict) -> None:
+            results[p] = rec
+            loss = "failed" if rec.get("error") else "diverged" if rec["loss"] is None else f"{rec['loss']:.4f}"
+            desc = f"{LABEL[p.parametrization]} {cfg.axis[0]}={p.width} {cfg.param}={p.value:.3g}: {loss}"
+            bar.update(task, advance=1, description=desc)
+            if plain is not None:
+                plain.update(len(results), desc)
+
+        if workers <= 1 or len(todo) <= 1:
+            for p in todo:
+                done(p, _run_and_store(recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp, device))
+        else:
+            threads = threads_choose(workers)     # the CPUs this process may use, shared by the workers
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as ex, \
+                    _sigterm_as_interrupt():
+                futs = {ex.submit(_run_and_store, recipe, cfg, p, str(cache_dir / p.filename(cfg.param)), fp,
+                                  device, threads): p for p in todo}
+                try:
+                    for f in as_completed(futs):
+                        done(futs[f], f.result())
+                except BaseException:
+                    # Ctrl-C or SIGTERM: stop the workers now; a point only lands in the cache when it
+                    # finished (atomic write), so the interrupted ones are simply redone on rerun
+                    workers_alive = list((getattr(ex, "_processes", None) or {}).values())
+                    ex.shutdown(wait=False, cancel_futures=True)
+                    for proc in workers_alive:
+                        proc.terminate()
+                    raise
+        for p, t in twins.items():
+            rec = dict(results[t], parametrization="sp")
+            write_json_atomic(cache_dir / p.filename(cfg.param), rec)
+            done(p, rec)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
+    """The sweep's JSON: per parametrization and width the values, mean losses over seeds (null when
+    diverged) and fitted optimum; drift in octaves; the wider-is-better check at the shared optimum."""
+    key = "lrs" if cfg.param == "lr" else "values"
+    best_key = "best_log2_lr" if cfg.param == "lr" else "best_log2_value"
+    xs = [math.log2(v) for v in cfg.values]
+    out: dict[str, Any] = {"param": cfg.param, "results": {}, "drift_octaves": {}, "at_edge": {},
+                           "wider_is_better": {}}
+    for par in cfg.parametrizations:
+        per_w: dict[str, Any] = {}
+        optima: list[Optional[float]] = []
+        curves = []
+        for w in cfg.widths:
+            losses = [mean_or_none([results[Point(par, w, v, s)]["loss"] for s in range(cfg.seeds)])
+                      for v in cfg.values]
+            o: Optimum = optimum(xs, losses)
+            per_w[str(w)] = {key: list(cfg.values), "losses": losses, best_key: o.log2, "at_edge": o.at_edge}
+            optima.append(o.log2)
+            curves.append(losses)
+        out["results"][par] = per_w
+        out["drift_octaves"][par] = drift(optima)
+        out["at_edge"][par] = [w for w in cfg.widths if per_w[str(w)]["at_edge"]]
+        j = shared_index(curves)
+        if j is None:
+            out["wider_is_better"][par] = None
+        else:
+            pairs = [(w, c[j]) for w, c in zip(cfg.widths, curves)]
+            ok, bad = wider_is_better(pairs)
+            out["wider_is_better"][par] = {"value": cfg.values[j], "ok": ok, "losses": {str(w): y for w, y in pairs},
+                                           "violations": [list(b) for b in bad]}
+    out["verdict"] = verdict(out, cfg)
+    out["axis"] = cfg.axis
+    if cfg.depth_width:      # the same check, named for depth (losses keyed by depth)
+        out["deeper_is_better"] = out["wider_is_better"]
+        out["width"] = cfg.depth_width
+    return out
+
+
+def verdict(summary: dict, cfg: SweepConfig) -> str:
+    span = f"{min(cfg.widths)}→{max(cfg.widths)}"
+    parts = []
+    for par in cfg.parametrizations:
+        d = summary["drift_octaves"].get(par)
+        txt = "n/a" if d is None else f"{d:.2f} octaves"
+        if summary["at_edge"].get(par):
+            txt += f" (optimum at the grid's edge for {cfg.axis} " + ",".join(map(str, summary["at_edge"][par])) + ")"
+        parts.append((par, txt))
+    what = "" if cfg.param == "lr" else f" of {cfg.param}"
+    head, *rest = parts
+    label = (lambda p: {"mup": "depth rule", "sp": "no depth rule"}[p]) if cfg.depth_width else (lambda p: LABEL[p])
+    s = f"{label(head[0])} optimum{what} drift {head[1]} across {cfg.axis} {span}"
+    for par, txt in rest:
+        s += f"; {label(par)} {txt}"
+    return s
+
+
+def wider_line(summary: dict, cfg: SweepConfig, par: str) -> str:
+    w = summary["wider_is_better"].get(par)
+    if w is None:
+        return f"{LABEL[par]}: no {cfg.param} value finished at every width; wider-is-better not checked"
+    losses = ", ".join(f"{k}: {v:.4f}" for k, v in w["losses"].items())
+    word = "deeper" if cfg.depth_width else "wider"
+    name = ({"mup": "depth rule", "sp": "no depth rule"}[par]) if cfg.depth_width else LABEL[par]
+    if w["ok"]:
+        return f"{name}: {word} is better at the shared optimum {cfg.param}={w['value']:.3g} ({losses})"
+    bad = ", ".join(f"{a}→{b}" for a, b in w["violations"])
+    return f"{name}: {word} is NOT always better at {cfg.param}={w['value']:.3g} (worse at {bad}; {losses})"
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = Path("runs"), device: str = "cpu",
+          json_path: Optional[Path] = None, plot_path: Optional[Path] = None, progress: bool = True,
+          console=None) -> tuple[dict, int]:
+    """Run (or read back) the grid, print the table and verdict, write JSON/PNG. Returns (summary, exit code)."""
+    from rich.table import Table
+
+    if workers < 1:
+        raise UserError("--workers", "must be >= 1")
+    if workers > available_cpus() and device == "cpu":
+        raise UserError("--workers", f"{workers} workers but only {available_cpus()} CPUs are available to this process")
+    guard(json_path, "--json", "sweep results", [recipe.path], ".json")
+    guard(plot_path, "--plot", "sweep plot", [recipe.path], ".png")
+    from ..run.experiment import check_fits, check_recipe, shapes_for
+
+    check_recipe(recipe)
+    for w in cfg.widths:  # bad widths (depths) are input errors, found before any training
+        if cfg.depth_width:
+            from ..run.experiment import at_depth
+            rd = at_depth(recipe, w)
+            shapes_for(rd, cfg.depth_width)
+            check_fits(rd, cfg.depth_width, "--depths", device)
+        else:
+            shapes_for(recipe, w)
+            check_fits(recipe, w, "--widths", device)
+    console = console or make_console()
+    cache = Path(runs_dir) / recipe.name / "sweep"
+    results = run_grid(recipe, cfg, cache, workers, device, progress)
+    summary = summarize(results, cfg)
+    summary.update({"steps": cfg.steps, "batch_size": cfg.batch_size, "seeds": cfg.seeds,
+                    "loss": f"training loss averaged over the last {cfg.average_last} steps",
+                    "widths": list(cfg.widths)})
+
+    table = Table(title=(f"width {cfg.depth_width}, " if cfg.depth_width else "") + f"sweep of {cfg.param}: {recipe.name}, {cfg.steps} steps, batch {cfg.batch_size}, "
+                        f"{cfg.seeds} seed(s)")
+    table.add_column("param.")
+    table.add_column(cfg.axis, justify="right")
+    table.add_column(f"best {cfg.param}", justify="right")
+    table.add_column("log2", justify="right")
+    table.add_column("best loss", justify="right")
+    table.add_column("diverged", justify="right")
+    best_key = "best_log2_lr" if cfg.param == "lr" else "best_log2_value"
+    for par, per_w in summary["results"].items():
+        for w, d in per_w.items():
+            fin = [y for y in d["losses"] if y is not None]
+            b = d[best_key]
+            table.add_row(({"mup": "depth rule", "sp": "no depth rule"}[par] if cfg.depth_width else LABEL[par]), w, "-" if b is None else f"{2 ** b:.3g}" + (" (edge)" if d["at_edge"] else ""),
+                          "-" if b is None else f"{b:.2f}", f"{min(fin):.4f}" if fin else "-",
+                          f"{len(d['losses']) - len(fin)}/{len(d['losses'])}")
+    console.print(table)
+    console.print(summary["verdict"], highlight=False)
+    for par in cfg.parametrizations:
+        console.print(wider_line(summary, cfg, par), highlight=False)
+
+    if json_path:
+        write_json_atomic(Path(json_path), {"written_by": marker("sweep results"), **summary})
+        console.print(f"wrote {json_path}", highlight=False)
+    if plot_path:
+        from ..report.sweep_plot import plot_sweep
+
+        plot_sweep(summary, Path(plot_path), title=f"{recipe.name}: {cfg.steps} steps, batch {cfg.batch_size}")
+        console.print(f"wrote {plot_path}", highlight=False)
+    errors = [r for r in results.values() if r.get("error")]
+    if errors:
+        console.print(f"[yellow]{len(errors)} point(s) failed (not cached; a rerun retries them), e.g. "
+                      f"width {errors[0]['width']}, {cfg.param}={errors[0]['value']:.3g}: {errors[0]['error']}[/]",
+                      highlight=False)
+    failed = all(r["loss"] is None for r in results.values())
+    if failed:
+        console.print("[red]every grid point diverged or failed[/]")
+    return summary, 1 if failed else 0
+
+
+def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional[str] = None,
+                  lr_range: Optional[str] = None, param: Optional[str] = None, parametrization: Optional[str] = None,
+                  seeds: Optional[int] = None, steps: Optional[int] = None, batch_size: Optional[int] = None,
+                  workers: int = 1, device: str = "cpu", json_path: Optional[Path] = None,
+                  plot_path: Optional[Path] = None, runs_dir: Path = Path("runs"), log: tuple = (),
+                  depths: Optional[str] = None, width: Optional[int] = None) -> int:
+    """The CLI's one call: parse the flag strings, build the config, sweep. Returns the exit code."""
+    from ..run.experiment import resolve_device
+    from ..run.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if lrs and lr_range:
+        raise UserError("--lrs", "give --lrs or --lr-range, not both")
+    values = parse_list(lrs, "--lrs") if lrs else parse_range(lr_range) if lr_range else None
+    ws = parse_list(widths, "--widths", int) if widths else None
+    ds = parse_list(depths, "--depths", int) if depths else None
+    cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size, ds, width)
+    kinds = check_kinds(list(log))
+    summary, code = sweep(recipe, cfg, workers, runs_dir, resolve_device(device), json_path, plot_path)
+    if kinds:
+        log_sweep(kinds, Path(runs_dir) / recipe.name / "sweep", recipe.name, summary, cfg)
+    return code
+
+
+def log_sweep(kinds: list[str], folder: Path, name: str, summary: dict, cfg: SweepConfig) -> None:
+    """Loss per grid point (step = the value's index in the grid) and the drift, to the loggers."""
+    lg = Loggers(kinds, folder, f"{name}-sweep", {"param": cfg.param, "steps": cfg.steps})
+    key = "lrs" if cfg.param == "lr" else "values"
+    try:
+        for par, per_w in summary["results"].items():
+            for w, d in per_w.items():
+                for i, y in enumerate(d["losses"]):
+                    lg.log(i, {f"sweep/{par}/width{w}/loss": y, f"sweep/{par}/width{w}/log2_{cfg.param}":
+                               math.log2(d[key][i])})
+        lg.log(0, {f"sweep/drift_octaves/{k}": v for k, v in summary.get("drift_octaves", {}).items()})
+    finally:
+        lg.close()

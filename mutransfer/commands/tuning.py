@@ -1,0 +1,595 @@
+"""`mutransfer tune`: an Optuna search of the tunables on the proxy, under muP.
+
+Trials run in groups (batched_trials.py): a worker asks Optuna for up to `--parallel-trials` trials,
+builds each at the proxy width with its values (and each of search.seeds), stacks them into one
+TrialBatch and trains them together with THE training loop; each trial reports its validation loss
+every `search.report_every` steps and is pruned on its own. The trial's value is the final validation
+loss, averaged over seeds. A trial that diverges (NaN/inf, or a training loss above
+search.divergence_factor x its first value) is COMPLETE with a finite penalty, divergence_factor x its
+validation loss at initialisation, and the user attribute `diverged`, so the sampler learns the region
+is bad. One trial at a time is a group of one: the same code.
+
+`--trials N` counts finished trials (complete or pruned) in the storage, whoever ran them: a worker
+asks for one more trial only while finished + running < N (recounted before each ask), so one worker
+ends with exactly N and K concurrent workers with at most N + K - 1. Trials of dead workers are
+failed by heartbeat (study.py).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+from rich.table import Table
+
+from ..console import PlainLines, make_console
+from ..run import experiment
+from ..errors import UserError
+from ..outputs_guard import check_output
+from ..engine.hparams import HParams
+from ..report.loggers import Loggers, check_kinds
+from ..run.hparams_file import default_path, write_hparams_file
+from ..run.recipe import Recipe, load_recipe
+from ..signals import available_cpus, worker_signals
+from ..threads import choose as threads_choose, configure as threads_configure
+from ..run.study import (Heartbeat, count_finished, default_storage, fail_stale, open_storage, storage_file,
+                    storage_lock, check_journal_file, journal_path, release_connections, creation_race)
+from ..run.batched_trials import Outcome, choose_parallel, probe, report_every, run_group
+
+POSITIVE = ("lr", "init_scale", "eps")
+UNIT = ("momentum", "beta1", "beta2")
+
+
+@dataclass
+class TuneOptions:
+    """Everything a worker needs (plain data: it crosses to spawned processes)."""
+    recipe_path: str
+    trials: int
+    width: int
+    storage: str
+    study_name: str
+    out: str
+    plot: Optional[str]
+    workers: int
+    threads: int = 0           # torch threads per worker (0: torch's default)
+    log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
+    depth: Optional[int] = None  # the depth tuned at (recipes with depths:; default depths.proxy)
+    device: str = "cpu"          # trials' device: cpu | cuda | cuda:N (workers on several GPUs: one each)
+    parallel_trials: int = 0     # trials trained at once per worker (0: chosen from memory and model size)
+
+
+# ---------------------------------------------------------------- options ---------------------------------
+
+def _check_params(recipe: Recipe) -> None:
+    """Every searched value must make a valid HParams (types, signs), before any trial runs."""
+    search = recipe.search
+    if not search.params:
+        raise UserError(f"{recipe.path or 'recipe'}: search.params",
+                        "is empty: name at least one tunable to search, e.g. lr: {low: 1.0e-4, high: 1.0e-1, log: true}")
+    base = HParams.from_train(recipe.train)
+    for name, rng in search.params.items():
+        where = f"search.params.{name}"
+        values = rng.choices if rng.choices is not None else [rng.low, rng.high]
+        for v in values:
+            if name == "zero_readout":
+                if not isinstance(v, bool):
+                    raise UserError(where, f"choices must be true/false, got {v!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise UserError(where, f"values must be numbers, got {v!r}")
+            if (name in POSITIVE or name.endswith(("_lr", "_init", "_mult"))) and not v > 0:
+                raise UserError(where, f"values must be > 0, got {v!r}")
+            if name in UNIT and not 0 <= v < 1:
+                raise UserError(where, f"values must be in [0, 1), got {v!r}")
+            if name == "weight_decay" and v < 0:
+                raise UserError(where, f"values must be >= 0, got {v!r}")
+        base.with_values({name: values[0]})
+    if search.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise UserError("search.sampler", "cmaes needs the `cmaes` package (pip install cmaes); "
+                                              "or use tpe, gp or random") from None
+
+
+def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
+                 storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
+                 out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
+                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> TuneOptions:
+    """Flags over the recipe, validated (UserError naming the flag or field)."""
+    if trials is not None and trials <= 0:
+        raise UserError("--trials", "must be > 0")
+    if width is not None and width <= 0:
+        raise UserError("--width", "must be > 0")
+    if workers <= 0:
+        raise UserError("--workers", "must be > 0")
+    if parallel_trials is not None and not 1 <= parallel_trials <= 4096:
+        raise UserError("--parallel-trials", f"must be between 1 and 4096, got {parallel_trials}")
+    if threads is not None and not 1 <= threads <= 4096:
+        raise UserError("--threads", f"must be between 1 and 4096, got {threads}")
+    cpus_avail = available_cpus()
+    device = experiment.resolve_device(device)
+    if device.startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if workers > max(1, gpus) * 8:
+            raise UserError("--workers", f"{workers} workers for {gpus} GPU(s): at most 8 per GPU")
+    elif workers > cpus_avail:
+        raise UserError("--workers", f"{workers} workers but only {cpus_avail} CPUs are available to this process")
+    if study_name is not None and not study_name.strip():
+        raise UserError("--study-name", "must not be empty")
+    st = storage or default_storage(recipe.name)
+    if st.startswith("journal:"):
+        check_journal_file(journal_path(st))     # before any lock or file is created next to it
+    protect = [Path(recipe_path), storage_file(st)]
+    check_output(out or default_path(recipe.name), "--out", "hparams", protect)
+    check_output(plot, "--plot", "tune plot", protect, suffix=".png")
+    _check_params(recipe)
+    return TuneOptions(
+        recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
+        storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
+        out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
+        threads=threads if threads else (threads_choose(workers) if workers > 1 else 0),
+        log=tuple(check_kinds(list(log))), depth=_tune_depth(recipe, depth), device=device,
+        parallel_trials=parallel_trials or 0,
+    )
+
+
+def worker_device(device: str, worker: int) -> str:
+    """Worker k's device: with several GPUs, one GPU per worker (round robin)."""
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{worker % torch.cuda.device_count()}"
+    return device
+
+
+def _tune_depth(recipe: Recipe, depth: Optional[int]) -> Optional[int]:
+    if depth is None:
+        return recipe.depths.proxy if recipe.depths is not None else None
+    if recipe.depths is None:
+        raise UserError("--depth", "the recipe has no depths: section")
+    if depth < 1:
+        raise UserError("--depth", f"must be >= 1, got {depth}")
+    return depth
+
+
+def recipe_for(opts: TuneOptions, recipe: Recipe) -> Recipe:
+    """The recipe at the depth being tuned (itself without depths:)."""
+    return experiment.at_depth(recipe, opts.depth) if opts.depth is not None else recipe
+
+
+def startup_trials(recipe: Recipe, trials: int) -> int:
+    s = recipe.search.startup_trials
+    return s if s is not None else min(10, max(3, trials // 3))
+
+
+# ---------------------------------------------------------------- sampler, pruner, study ------------------
+
+def make_sampler(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.samplers.BaseSampler:
+    kind, n0 = recipe.search.sampler, startup_trials(recipe, trials)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if kind == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(1, n0))
+        if kind == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n0)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n0, multivariate=True, constant_liar=True)
+
+
+def make_pruner(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
+    every, total = report_every(recipe), recipe.train.steps      # a trial's seeds train side by side
+    kind = recipe.search.pruner
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total, reduction_factor=3)
+    # never on a trial's first report: early validation losses say little
+    return optuna.pruners.MedianPruner(n_startup_trials=max(1, startup_trials(recipe, trials)),
+                                       n_warmup_steps=every + 1)
+
+
+STUDY_ATTRS = ("width", "steps", "optimizer", "seeds")
+
+
+def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Study:
+    """Create or load the study; refuse to mix trials from another width, step count, optimizer or seeds."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are summarised by tune itself
+    want = {"width": opts.width, "steps": recipe.train.steps, "optimizer": recipe.train.optimizer,
+            "seeds": recipe.search.seeds}
+    if opts.depth is not None:
+        want["depth"] = opts.depth
+    with storage_lock(opts.storage):    # two tunes on a new SQLite file: one creates, the other loads
+        storage = open_storage(opts.storage, recipe.search.heartbeat)
+        for attempt in range(8):
+            try:
+                study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
+                                            load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
+                break
+            except ValueError as e:   # e.g. an existing multi-objective study of that name
+                raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a database server: two processes creating at once
+                if attempt == 7 or not creation_race(e):
+                    raise
+                time.sleep(0.2 + 0.3 * attempt)
+        have = study.user_attrs
+        if not have:
+            for k, v in want.items():
+                study.set_user_attr(k, v)
+    if have:
+        for k in STUDY_ATTRS:
+            if k in have and have[k] != want[k]:
+                flag = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer",
+                        "seeds": "search.seeds", "depth": "--depth"}[k]
+                raise UserError(flag, f"study {opts.study_name!r} in {opts.storage} was tuned with {k} = {have[k]}, "
+                                      f"not {want[k]}; its trials are not comparable (use another --study-name)")
+    seed = recipe.search.sampler_seed
+    if seed is not None:   # a resumed run or another worker must not replay the same random draws
+        seed = seed + 7919 * worker + len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(recipe, opts.trials, seed)
+    return study
+
+
+# ---------------------------------------------------------------- objective -------------------------------
+
+def suggest(trial: optuna.Trial, recipe: Recipe) -> dict[str, Any]:
+    values = {}
+    for name, rng in recipe.search.params.items():
+        if rng.choices is not None:
+            values[name] = trial.suggest_categorical(name, rng.choices)
+        else:
+            values[name] = trial.suggest_float(name, float(rng.low), float(rng.high), log=rng.log)
+    return values
+
+
+class Objective:
+    """One trial at a time as an Optuna objective (a group of one): for scripts and benchmarks that
+    drive a study themselves. Its value is that of `tune`'s trials: the final validation loss, mean
+    over search.seeds, a penalty if any seed diverges; optuna.TrialPruned when pruned."""
+
+    def __init__(self, recipe: Recipe, width: int, device: str = "cpu"):
+        self.recipe, self.width, self.device = recipe, width, device
+        self.base = HParams.from_train(recipe.train)
+        self.val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        hp = self.base.with_values(suggest(trial, self.recipe))
+        out = run_group(self.recipe, self.width, self.device, [trial], [hp], self.val)[0]
+        for k, v in out.attrs.items():
+            trial.set_user_attr(k, v)
+        if out.state == "pruned":
+            raise optuna.TrialPruned(out.message)
+        return out.value
+
+
+# ---------------------------------------------------------------- workers --------------------------------
+
+class Worker:
+    """Asks for trials, trains them in groups, tells their outcomes; until the storage holds
+    opts.trials finished ones."""
+
+    def __init__(self, opts: TuneOptions, recipe: Recipe, study: optuna.Study, device: str, say=None):
+        self.opts, self.recipe, self.study, self.device = opts, recipe, study, device
+        self.base = HParams.from_train(recipe.train)
+        self.grace = 3 * recipe.search.heartbeat
+        self.val: Optional[list] = None          # built at the first group: a finished study needs no data
+        self.group_size: Optional[int] = None
+        self.vectorise = True
+        self.say = say                           # one line for the user (the fallback's reason)
+
+    def _prepare(self) -> None:
+        r = self.recipe
+        self.val = experiment.val_batches(r, r.train.eval_batches, seed=r.train.seed)
+        self.group_size = choose_parallel(r, self.opts.width, self.device, self.opts.trials,
+                                          self.opts.parallel_trials or None)
+        if self.group_size * r.search.seeds > 1:
+            why = probe(r, self.opts.width, self.device)
+            if why is not None:
+                self.vectorise = False
+                if self.say is not None:
+                    self.say(f"trials run one at a time: the model cannot be vectorised with torch.func.vmap ({why})")
+                self.group_size = 1
+
+    def _ask(self) -> list:
+        """Up to group_size new trials, recounting finished + running before each."""
+        asked = []
+        while len(asked) < self.group_size:
+            running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if count_finished(self.study) + running >= self.opts.trials:
+                break
+            asked.append(self.study.ask())
+        return asked
+
+    def run(self, on_trial: Optional[Callable[[optuna.Study], None]] = None) -> optuna.Study:
+        study = self.study
+        while True:
+            fail_stale(study, self.grace)
+            if count_finished(study) >= self.opts.trials:
+                return study
+            if self.val is None:
+                self._prepare()
+            trials = self._ask()
+            if not trials:          # others' running trials would complete the count: wait for them
+                time.sleep(min(1.0, self.recipe.search.heartbeat))
+                continue
+            self._run(trials, on_trial)
+
+    def _run(self, trials: list, on_trial=None) -> None:
+        """Train a group; tell each trial's outcome as soon as it ends (progress and the sampler see it
+        then). Interrupted or failed: the trials not told yet are FAIL (not counted), as optimize does."""
+        told: set[int] = set()
+
+        def done(trial, out: Outcome) -> None:
+            self._tell(trial, out)
+            told.add(trial.number)
+            if on_trial is not None:
+                on_trial(self.study)
+
+        try:
+            with Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat):
+                hps = [self.base.with_values(suggest(t, self.recipe)) for t in trials]
+                self._fitting(trials, hps, done, told)
+        except BaseException:
+            for t in trials:
+                if t.number not in told:
+                    try:
+                        self.study.tell(t, state=TrialState.FAIL)
+                    except Exception:  # noqa: BLE001 - the storage may be what failed
+                        pass
+            raise
+
+    def _fitting(self, trials: list, hps: list, done, told: set) -> None:
+        """Run the group; when it does not fit in the GPU's memory, the trials not told yet in halves
+        (and keep the smaller group size for the next groups)."""
+        try:
+            run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise,
+                      done=lambda i, out: done(trials[i], out))
+        except torch.cuda.OutOfMemoryError:
+            keep = [i for i, t in enumerate(trials) if t.number not in told]
+            trials, hps = [trials[i] for i in keep], [hps[i] for i in keep]
+            if len(trials) <= 1:
+                raise
+            torch.cuda.empty_cache()
+            half = (len(trials) + 1) // 2
+            self.group_size = min(self.group_size, half)
+            if self.say is not None:
+                self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
+            self._fitting(trials[:half], hps[:half], done, told)
+            self._fitting(trials[half:], hps[half:], done, told)
+
+    def _tell(self, trial, out: Outcome) -> None:
+        for k, v in out.attrs.items():
+            trial.set_user_attr(k, v)
+        if out.state == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            self.study.tell(trial, out.value)
+
+
+def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
+               on_trial: Optional[Callable[[optuna.Study], None]] = None,
+               study: Optional[optuna.Study] = None, say=None) -> optuna.Study:
+    """Run trials until the storage holds opts.trials finished ones (checked before every ask)."""
+    study = study or open_study(opts, recipe, worker)
+    return Worker(opts, recipe, study, worker_device(opts.device, worker), say).run(on_trial)
+
+
+def _worker_entry(opts_d: dict, worker: int) -> None:
+    """A spawned local worker: quiet, one line on a user error, no traceback on Ctrl-C."""
+    worker_signals()          # SIGTERM stops it like Ctrl-C; it dies with its parent
+    opts = TuneOptions(**opts_d)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    try:
+        say = (lambda m: print(f"tune: {m}", file=sys.stderr)) if worker == 0 else None
+        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe_path)), worker, say=say)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except UserError as e:
+        print(f"error: worker {worker}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]tune[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
+                    TimeElapsedColumn(), TextColumn("eta"), MeanEta(), console=console, transient=False)
+
+
+class MeanEta(ProgressColumn):
+    """Time left from the mean time per finished unit since the start: rich's own estimate needs
+    several units within its 30 s window and shows -:--:-- when a unit (a trial) takes longer."""
+
+    def render(self, task):
+        done = task.completed - task.fields.get("start_done", 0)
+        if not task.elapsed or done <= 0 or task.total is None:
+            return Text("-:--:--")
+        left = int(task.elapsed / done * max(0.0, task.total - task.completed))
+        return Text(f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
+
+
+def _best_text(study: optuna.Study) -> str:
+    good = converged(study.get_trials(deepcopy=False))
+    return f"best val loss {min(t.value for t in good):.4g}" if good else "best val loss -"
+
+
+def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Study,
+                       plain: Optional[PlainLines] = None) -> list[int]:
+    """Spawn opts.workers processes on the same storage; poll it for the progress bar; their exit codes."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_entry, args=(asdict(opts), i), daemon=False) for i in range(opts.workers)]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(timeout=1.0 / len(procs))
+            bar.update(task, completed=min(opts.trials, count_finished(study)), best=_best_text(study))
+            if plain is not None:
+                plain.update(min(opts.trials, count_finished(study)), _best_text(study))
+    except KeyboardInterrupt:
+        # the interrupt may have landed inside one of our storage reads: drop this process's database
+        # connections so that no lock we hold keeps the workers from recording their last trial
+        release_connections(study)
+        # a terminal's Ctrl-C reached the workers too: give them a moment before signalling them
+        # ourselves (a `kill -INT` to this process alone did not), so none gets a second interrupt
+        deadline = time.time() + 3
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)   # SIGINT may be inherited as ignored (a background job)
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        raise
+    return [p.exitcode for p in procs]
+
+
+# ---------------------------------------------------------------- results --------------------------------
+
+def converged(trials: list) -> list:
+    """Complete trials that did not diverge (the candidates for the best)."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged", False)]
+
+
+def _table(good: list, n: int = 5) -> Table:
+    names = sorted({k for t in good for k in t.params})
+    table = Table(title=f"best {min(n, len(good))} of {len(good)} converged trials")
+    for c in ["#", "val loss", *names]:
+        table.add_column(c, justify="right")
+    for t in sorted(good, key=lambda t: t.value)[:n]:
+        table.add_row(str(t.number), f"{t.value:.4f}", *(_fmt(t.params.get(k)) for k in names))
+    return table
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (str(v) if isinstance(v, (bool, str)) else f"{v:.4g}")
+
+
+def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Console, interrupted: bool = False) -> int:
+    """Summary line, best-trials table, hparams file and plot. 1 when no trial converged."""
+    trials = study.get_trials(deepcopy=False)
+    good = converged(trials)
+    diverged = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("diverged")]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    finished = len(good) + len(diverged) + len(pruned)
+    console.print(f"study [bold]{opts.study_name}[/] ({opts.storage}): {finished} finished trials - "
+                  f"{len(good)} converged, {len(diverged)} diverged, {len(pruned)} pruned; "
+                  f"{len(failed)} failed (interrupted or killed, not counted)", highlight=False)
+    if not good:
+        if finished and not interrupted:
+            console.print(f"[red]every trial diverged or was pruned[/] ({len(diverged)} diverged, {len(pruned)} "
+                          "pruned): no hparams written. Narrow search.params (e.g. lower the LR range) or raise "
+                          "search.divergence_factor.", highlight=False)
+            return 1
+        return 0
+    console.print(_table(good))
+    best = min(good, key=lambda t: t.value)
+    if opts.log:
+        log_trials(opts, study)
+    out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
+                             optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
+                             study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
+                             extra={"trials": finished, **({"proxy_depth": opts.depth} if opts.depth else {})})
+    console.print(f"best trial #{best.number}: val loss {best.value:.4f} with "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}", highlight=False)
+    if opts.plot:
+        from ..report.tune_plot import plot_study
+
+        console.print(f"plot -> {plot_study(study, opts.plot)}", highlight=False)
+    return 0
+
+
+def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -> int:
+    """Run (or resume) the search until opts.trials finished trials exist; write the outputs. Exit code."""
+    console = console or make_console()
+    recipe = recipe_for(opts, recipe)
+    experiment.check_recipe(recipe)
+    experiment.check_fits(recipe, opts.width, "--width")     # before a study is tied to this width
+    study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
+    done = count_finished(study)
+    if done:
+        console.print(f"resuming study {opts.study_name!r}: {done} finished trials in {opts.storage}", highlight=False)
+    code = 0
+    with _progress(console) as bar:
+        task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study),
+                            start_done=min(done, opts.trials))
+        plain = PlainLines(console, "tune: trials", opts.trials, min(done, opts.trials))
+
+        def on_trial(s: optuna.Study) -> None:
+            n, best = min(opts.trials, count_finished(s)), _best_text(s)
+            bar.update(task, completed=n, best=best)
+            plain.update(n, best)
+
+        try:
+            if opts.workers == 1:
+                run_worker(opts, recipe, 0, on_trial=on_trial, study=study,
+                           say=lambda m: bar.console.print(f"[yellow]note[/]: {m}", highlight=False))
+            else:
+                codes = _run_local_workers(opts, bar, task, study, plain)
+                bad = [c for c in codes if c not in (0, None)]
+                if bad:
+                    console.print(f"[red]{len(bad)} of {opts.workers} workers failed[/] (exit codes {bad})")
+                    code = 2 if 2 in bad else 1
+        except KeyboardInterrupt:
+            bar.stop()
+            console.print("[yellow]interrupted[/]: every finished trial is kept in the storage; "
+                          "rerun the same command to continue.")
+            finish(opts, recipe, study, console, interrupted=True)
+            raise
+    if code:
+        return code
+    fail_stale(study, 3 * recipe.search.heartbeat)
+    return finish(opts, recipe, study, console)
+
+
+def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
+    """Every finished trial, in order, to the loggers (in the folder of the hparams file)."""
+    lg = Loggers(list(opts.log), Path(opts.out).parent, f"{opts.study_name}-tune", {"width": opts.width})
+    best = math.inf
+    try:
+        for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+                continue
+            vals = {f"param/{k}": v for k, v in t.params.items() if isinstance(v, (int, float))}
+            if t.state == TrialState.COMPLETE and not t.user_attrs.get("diverged"):
+                best = min(best, t.value)
+                vals["trial/val_loss"] = t.value
+            vals["trial/best_val_loss"] = best
+            vals["trial/diverged"] = float(bool(t.user_attrs.get("diverged")))
+            vals["trial/pruned"] = float(t.state == TrialState.PRUNED)
+            lg.log(t.number, vals)
+    finally:
+        lg.close()
+
+
+def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
+                 study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
+                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
+                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> int:
+    """The CLI's `tune`: load and validate, then tune()."""
+    recipe = load_recipe(recipe_path)
+    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth,
+                        device, parallel_trials, threads)
+    if threads and workers == 1:
+        threads_configure(1, threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return tune(opts, recipe)

@@ -1,0 +1,184 @@
+"""`scale --dry-run`: the plan at a width, as a rich table and JSON, with the target's cost.
+
+Nothing real is built: shapes come from meta-device models and FLOPs from torch's FlopCounterMode run
+on meta tensors (so a 10B target costs no memory)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..console import make_console
+from .. import atomic
+from ..run.experiment import data_stream, depth_rule, first_batch, model_args, model_factory, shapes_for
+from ..engine.parametrize import factory_stds
+from ..engine.outputs import select
+from ..outputs_guard import marker
+from ..engine.hparams import HParams
+from ..engine.plan import Plan, make_plan
+from ..run.recipe import Recipe
+from ..engine.shapes import build_meta
+from ..run.train import loss_fn
+
+
+@dataclass
+class Cost:
+    params: int
+    flops_per_step: Optional[float]   # forward + backward, whole optimizer step (all micro-batches)
+    memory_bytes: int                 # fp32 weights + grads + optimizer state
+    flops_error: Optional[str] = None  # why flops_per_step is None
+
+
+def optimizer_state_floats(optimizer: str, momentum: float) -> int:
+    if optimizer in ("adam", "adamw", "muon"):
+        return 2          # muon: at most AdamW's two (Muon keeps one momentum buffer)
+    return 1 if momentum else 0
+
+
+def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
+    n = plan.numel
+    mem = n * 4 * (2 + optimizer_state_floats(recipe.train.optimizer, recipe.train.momentum))
+    flops = None
+    # data mistakes are the user's (UserError, exit 2); only the meta-device trace is best effort
+    x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
+    model = build_meta(model_factory(recipe), width, model_args(recipe))
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        xm, ym = x.to("meta"), y.to("meta")
+        with FlopCounterMode(display=False) as fc:
+            out = select(model(xm), recipe.model.output)
+            loss_fn(recipe.loss, out, ym).backward()
+        flops = float(fc.get_total_flops()) * recipe.train.grad_accum
+    except Exception as e:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
+        return Cost(n, None, mem, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+    return Cost(n, flops, mem)
+
+
+def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup",
+            base_width: Optional[int] = None, base_depth: Optional[int] = None):
+    """The plan `scale` would use at `width` (and the recipe's depth), relative to base_width (default
+    widths.proxy) and base_depth (default depths.proxy)."""
+    hp = hparams or HParams.from_train(recipe.train)
+    shapes = shapes_for(recipe, width, base_width)
+    plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init,
+                     depth_rule(recipe, base_depth), tuple(recipe.train.muon_params))
+    plan.notes.extend(replaced_init_notes(recipe, plan))
+    return plan, shapes, estimate_cost(recipe, plan, width)
+
+
+def replaced_init_notes(recipe: Recipe, plan: Plan, tolerance: float = 0.25) -> list[str]:
+    """Name every parameter whose factory init the rule replaces (the proxy's factory std differs
+    from the rule's by more than `tolerance`, relative), so nothing is thrown away silently."""
+    if not any(p.init in ("normal", "zeros", "ones") for p in plan.params.values()):
+        return []
+    base_plan = plan if plan.width == plan.base_width else None
+    try:
+        stds = factory_stds(model_factory(recipe), recipe.widths.proxy, model_args(recipe), recipe.train.seed)
+        if base_plan is None:
+            base_plan = make_plan(shapes_for(recipe, recipe.widths.proxy), HParams.from_train(recipe.train),
+                                  recipe.train.optimizer, plan.parametrization, recipe.factory_init)
+    except Exception:  # noqa: BLE001 - a note, best effort
+        return []
+    out = []
+    for n, p in base_plan.params.items():
+        if p.init not in ("normal", "zeros", "ones") or n not in stds:
+            continue
+        rule = p.init_std if p.init == "normal" else None
+        f = stds[n]
+        if rule is None or (f == 0) != (rule == 0) or (rule > 0 and abs(f / rule - 1) > tolerance):
+            if p.init == "ones" and f == 0:     # a gain the factory left at 1 (std 0): the same
+                continue
+            if p.init == "zeros" and f == 0:
+                continue
+            out.append(f"{n}: factory init std {f:.3g} at the proxy replaced by the rule's "
+                       f"{'constant ' + ('1' if p.init == 'ones' else '0') if rule is None or rule == 0 else format(rule, '.3g')}")
+    if out:
+        head = (f"the rule replaces the factory's init of {len(out)} parameter(s) "
+                "(keep it with `factory_init: true` or a list of globs): ")
+        return [head + "; ".join(out[:8]) + (f"; ... {len(out) - 8} more" if len(out) > 8 else "")]
+    return []
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x:.3g}"
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}E{unit}"
+
+
+def _shape(base: tuple, shape: tuple) -> str:
+    f = lambda t: "×".join(map(str, t)) or "scalar"  # noqa: E731
+    return f(base) if base == shape else f"{f(base)}→{f(shape)}"
+
+
+def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console] = None) -> None:
+    console = console or make_console()
+    t = Table(title=f"spectral plan: width {plan.base_width} → {plan.width} ({plan.optimizer})",
+              box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+    wide = console.width >= 120
+    if wide:
+        t.add_column("parameter", overflow="fold")
+        t.add_column("proxy shape→shape", overflow="fold")
+    else:   # narrow terminal: the shape goes under the name, fans share a column
+        t.add_column("parameter\nproxy shape→shape", no_wrap=True)
+    cols = ("role", "layout", "fan_in", "fan_out", "init std") if wide else ("role\nin→out", "init\nstd")
+    for col in (*cols, "lr", "wd", "eps", "note" if wide else ""):
+        t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
+    footnotes: dict[str, int] = {}
+    for p in plan.params.values():
+        std = ({"ones": "=1", "zeros": "=0"}.get(p.init) or (_fmt(p.init_std) if p.init_std is not None
+               else (f"fac×{p.init_factor:.3g}" if p.init == "factory" else "keep")))
+        mark = ""
+        if p.note:
+            mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
+        shape = _shape(tuple(p.base_shape), tuple(p.shape))
+        head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
+        lay = f"{p.layout} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
+        fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
+               else [f"{p.role} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
+                     + f"\n[dim]{p.fan_in}→{p.fan_out}[/]"])
+        t.add_row(*head, *fan, std, _fmt(p.lr), _fmt(p.weight_decay), _fmt(p.eps), mark)
+    console.print(t)
+    for note, i in footnotes.items():
+        console.print(f"[{i}] {note}", highlight=False)
+    for m, v in plan.readout_multipliers.items():
+        console.print(f"[cyan]tied readout[/] {m}: input multiplied by {v:.4g} in the forward pass")
+    if plan.branch_multipliers:
+        m0 = next(iter(plan.branch_multipliers.values()))[0]
+        inb = [p for p in plan.params.values() if p.depth_lr is not None]
+        console.print(f"[cyan]depth rule[/]: {len(plan.branch_multipliers)} residual branches, output x {m0:.4g}; "
+                      f"{len(inb)} in-block parameters, LR x {inb[0].depth_lr:.4g}" if inb else "")
+    for n in plan.notes:
+        console.print(f"[yellow]note[/] {n}")
+    if unknown:
+        guessed = ", ".join(f"{n} as {plan.params[n].role}" if n in plan.params else n for n in unknown)
+        console.print(f"[yellow]warning[/] parameters of no known module, not traced, classified by rank: {guessed}"
+                      " (declare them under `layouts:` if wrong)")
+    flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
+             else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")
+    console.print(
+        f"[bold]target[/]: {cost.params:,} parameters ({human(cost.params)}), "
+        f"~{flops} per training step, "
+        f"{cost.memory_bytes / 2**30:.3g} GiB for fp32 weights + grads + optimizer state"
+    )
+
+
+def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
+    d = {"written_by": marker("plan"), **plan.to_json()}
+    d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes,
+                 "flops_error": cost.flops_error}
+    atomic.write_json(path, d)

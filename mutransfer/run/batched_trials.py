@@ -1,0 +1,196 @@
+"""A group of Optuna trials trained at once: every (trial, seed) is a slot of one TrialBatch, trained by
+THE loop (train.train) in lockstep. One trial alone is a group of one: the same code, the same
+optimizer (batched_optim.py), so `--parallel-trials 1` and batched tuning cannot drift apart.
+
+Per trial, exactly as one trial trained alone:
+  - its value is the final validation loss, mean over its seeds;
+  - it reports the mean validation loss of its seeds every report_every steps; the pruner ends all
+    its slots (its slots leave the stack: a pruned trial costs nothing afterwards);
+  - a seed that diverges (NaN/inf, or a loss above divergence_factor x its first) ends the trial with
+    the penalty divergence_factor x the worst finite initial validation loss of its seeds.
+
+Models that cannot be vectorised (torch.func.vmap refuses them: data-dependent control flow, .item(),
+in-place updates of buffers, custom autograd functions) run their slots one after another in each
+step (TrialBatch(vectorise=False)); `probe()` says which, and why, before the first group.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import experiment
+from ..engine.hparams import HParams
+from .recipe import Recipe
+from .train import State, evaluate, train
+from .trial_batch import SlotData, SlotSpec, TrialBatch, make_optimizer
+
+PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
+
+
+@dataclass
+class Outcome:
+    """What a trial came to: "complete" with `value` (a penalty when diverged) or "pruned"."""
+    state: str
+    value: Optional[float] = None
+    message: str = ""
+    attrs: dict = field(default_factory=dict)
+
+
+def report_every(recipe: Recipe) -> int:
+    return recipe.search.report_every or recipe.train.eval_every or max(1, recipe.train.steps // 5)
+
+
+def precision(device: str, recipe: Recipe) -> str:
+    """What the trials compute in (recorded on every trial): bf16 autocast on CUDA, else fp32."""
+    return "bf16-autocast" if torch.device(device).type == "cuda" else "fp32"
+
+
+class _Reports:
+    """Callback: initial validation losses per slot; every evaluation, each trial's mean over its live
+    seeds -> trial.report(), and the pruner's verdict; a diverged seed ends its trial's other seeds.
+    A trial whose slots have all ended is handed to `done` at once (its outcome), before the group ends."""
+
+    def __init__(self, trials: Sequence, slots_of: list[list[int]], val: list, outcome, done=None):
+        self.trials, self.slots_of, self.val = trials, slots_of, val
+        self.outcome, self.done = outcome, done
+        self.init_val: list[float] = []
+        self.pruned: dict[int, str] = {}
+        self.results: dict[int, Outcome] = {}
+
+    def on_start(self, state: State) -> None:
+        c = state.config
+        amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
+        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp)
+
+    def on_eval(self, state: State) -> None:
+        for t, (trial, slots) in enumerate(zip(self.trials, self.slots_of)):
+            sl = [state.slots[i] for i in slots]
+            if any(s.ended is not None for s in sl):
+                continue
+            vals = [s.val_loss for s in sl]
+            if any(v is None for v in vals):
+                continue
+            mean = sum(vals) / len(vals)
+            trial.report(mean, state.step)
+            if trial.should_prune():
+                self.pruned[t] = f"validation loss {mean:.4g} at step {state.step}"
+                for s in sl:
+                    s.ended = "pruned"
+
+    def on_step(self, state: State) -> None:
+        for t, slots in enumerate(self.slots_of):
+            sl = [state.slots[i] for i in slots]
+            if any(s.ended == "diverged" for s in sl):
+                for s in sl:
+                    if s.ended is None:
+                        s.ended, s.reason = "stopped", "another seed of its trial diverged"
+            if t not in self.results and all(s.ended is not None for s in sl):
+                self.finish(t, state)
+
+    def finish(self, t: int, state: State) -> None:
+        self.results[t] = self.outcome(t, state)
+        if self.done is not None:
+            self.done(t, self.results[t])
+
+
+def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Sequence[int], device: str,
+                vectorise: bool) -> TrialBatch:
+    """The TrialBatch of these (values, seed) slots at `width`, the proxy being `width` itself (a plain
+    model there, as `scale` rebuilds it from proxy_width)."""
+    specs = [SlotSpec(experiment.build(recipe, width, hp, device=device, seed=seed, base_width=width,
+                                       base_depth=experiment.depth_of(recipe)), hp, seed)
+             for hp, seed in zip(hps, seeds)]
+    return TrialBatch(specs, recipe.model.output, vectorise=vectorise)
+
+
+def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Sequence[HParams], val: list,
+              vectorise: bool = True, done: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
+    """Train these trials (optuna.Trial or FixedTrial, with their values `hps`) together; one Outcome
+    each. Reports and pruning go through each trial as it trains; `done(i, outcome)` is called for
+    trial i as soon as it ends (pruned or diverged ones before the others finish)."""
+    r, t0 = recipe, time.perf_counter()
+    seeds = [r.train.seed + s for s in range(r.search.seeds)]
+    slot_hps, slot_seeds, slots_of = [], [], []
+    for hp in hps:
+        slots_of.append(list(range(len(slot_hps), len(slot_hps) + len(seeds))))
+        slot_hps += [hp] * len(seeds)
+        slot_seeds += seeds
+    batch = build_batch(r, width, slot_hps, slot_seeds, device, vectorise)
+    opt = make_optimizer(batch, r.train.optimizer)
+    cfg = experiment.train_config(r, device=device, eval_every=report_every(r),
+                                  divergence_factor=r.search.divergence_factor)
+
+    def outcome(t: int, state: State) -> Outcome:
+        sl = [state.slots[i] for i in slots_of[t]]
+        attrs: dict[str, Any] = {"steps_run": sum(s.steps for s in sl),
+                                 "seconds": round(time.perf_counter() - t0, 3), "parallel_trials": len(hps),
+                                 "device": device, "precision": precision(device, r)}
+        bad = [(i, s) for i, s in zip(slots_of[t], sl) if s.ended == "diverged"]
+        if bad:
+            finite = [v for v in (rep.init_val[i] for i in slots_of[t]) if math.isfinite(v)]
+            attrs.update(diverged=True, reason=f"seed {slot_seeds[bad[0][0]]}: {bad[0][1].reason}")
+            return Outcome("complete", float(r.search.divergence_factor * max(finite)) if finite
+                           else PENALTY_FALLBACK, attrs=attrs)
+        if t in rep.pruned:
+            return Outcome("pruned", message=rep.pruned[t], attrs=attrs)
+        finals = [s.val_loss for s in sl]
+        attrs.update(diverged=False, seed_values=finals)
+        return Outcome("complete", sum(finals) / len(finals), attrs=attrs)
+
+    rep = _Reports(trials, slots_of, val, outcome, done)
+    data = SlotData(batch, lambda s: experiment.data_stream(r, "train", s))
+    state = train(batch, opt, data, cfg, val, [rep])
+    for t in range(len(trials)):
+        if t not in rep.results:
+            rep.finish(t, state)
+    return [rep.results[t] for t in range(len(trials))]
+
+
+def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:
+    """None when two slots of this model train under vmap (one forward and backward on the first
+    batch, identical to the loop one); else the reason, in one line."""
+    hp = HParams.from_train(recipe.train)
+    try:
+        batch = build_batch(recipe, width, [hp, hp], [recipe.train.seed] * 2, device, vectorise=True)
+        x, y = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))
+        x, y = x.to(device), y.to(device)
+        amp = torch.device(device).type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = batch(x)
+        batch.slot_losses(recipe.loss, out, y).sum().backward()
+    except Exception as e:  # noqa: BLE001 - vmap's refusals come as many exception types
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:200]}"
+    return None
+
+
+def slot_bytes(recipe: Recipe, width: int) -> int:
+    """Memory of one slot beyond the shared data: fp32 weights, gradients, optimizer state (2 moments),
+    plus activations of one step, estimated as 4 bytes x (tokens of a batch) x width x 16 per block."""
+    shapes = experiment.shapes_for(recipe, width, width)
+    numel = sum(math.prod(p.shape) for p in shapes.params.values())
+    x, _ = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))
+    tokens = x.numel()
+    blocks = max(1, len(shapes.branches.modules) // 2) if shapes.branches else 4
+    return numel * 4 * 4 + tokens * width * 16 * 4 * blocks
+
+
+def choose_parallel(recipe: Recipe, width: int, device: str, trials: int, explicit: Optional[int] = None) -> int:
+    """Trials per group. --parallel-trials wins. On a GPU: as many as fit in half its free memory (at
+    most 64): a proxy uses a few percent of it and one trial leaves it idle. On CPU: one. A CPU step
+    is compute-bound already (a proxy GPT's matmuls run near the cores' peak) or, for tiny models,
+    bound by the optimizer's memory traffic, which grows with the stack and leaves the cache: measured
+    on 2 cores, a group of 8 trains at 0.9-1.1x the trial-steps per second of one trial at a time
+    (bench/tune_throughput.py), while asking for several trials at once gives the sampler less
+    information per trial."""
+    if explicit:
+        return max(1, min(explicit, trials))
+    if torch.device(device).type != "cuda":
+        return 1
+    per = max(1, slot_bytes(recipe, width) * recipe.search.seeds)
+    free = torch.cuda.mem_get_info(torch.device(device))[0]
+    return max(1, min(64, trials, int(free * 0.5 // per)))

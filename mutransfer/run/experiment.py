@@ -1,0 +1,271 @@
+"""From a recipe to the things a command trains: factories, data streams, the parametrized model and
+the TrainConfig. Every command goes through here and then through train.train()."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..data import BUILTIN_DATA
+from ..models import hf
+from ..errors import UserError
+from ..engine.hparams import HParams
+from ..models import BUILTIN_MODELS
+from ..engine.outputs import OutputError, check_against_targets, select
+from ..engine.parametrize import Parametrized, parametrize
+from ..engine.plan import MUP
+from .recipe import Recipe, accepts, depth_arg, resolve_factory
+from ..engine.shapes import Shapes, infer_shapes
+from .train import TrainConfig
+
+
+def depth_of(recipe: Recipe) -> Optional[int]:
+    """The depth this recipe object builds at (None without `depths:`)."""
+    if recipe.depths is None:
+        return None
+    return recipe._depth if recipe._depth is not None else recipe.depths.proxy
+
+
+def at_depth(recipe: Recipe, depth: int) -> Recipe:
+    """A copy of the recipe that builds its model at `depth` (needs `depths:`)."""
+    if recipe.depths is None:
+        raise UserError("--depth", "the recipe has no depths: section")
+    if depth < 1:
+        raise UserError("--depth", f"must be >= 1, got {depth}")
+    r = recipe.model_copy(deep=True)
+    r._path, r._depth = recipe._path, depth
+    return r
+
+
+def model_args(recipe: Recipe) -> dict[str, Any]:
+    """The factory's keyword arguments: model.args, plus the depth when the recipe has `depths:`."""
+    d = depth_of(recipe)
+    if d is None:
+        return dict(recipe.model.args)
+    return {**recipe.model.args, depth_arg(recipe): d}
+
+
+def depth_rule(recipe: Recipe, base_depth: Optional[int] = None, use_rule: bool = True):
+    """(base depth, depth, alpha) for the plan, or None without `depths:`; use_rule=False gives the
+    control (every depth multiplier 1, the width rule unchanged)."""
+    d = depth_of(recipe)
+    if d is None:
+        return None
+    base = base_depth or recipe.depths.proxy
+    return (base, d, recipe.depths.alpha) if use_rule else (d, d, recipe.depths.alpha)
+
+
+def model_factory(recipe: Recipe) -> Callable:
+    if hf.is_hf(recipe.model.factory):
+        return hf.make_factory(recipe.model)
+    fn = resolve_factory(recipe.model.factory, "model.factory", BUILTIN_MODELS)
+    if not accepts(fn, "width"):
+        raise UserError("model.factory", f"{recipe.model.factory!r} does not take a `width` argument")
+    return fn
+
+
+def data_factory(recipe: Recipe) -> Callable:
+    fn = resolve_factory(recipe.data.factory, "data.factory", BUILTIN_DATA)
+    for a in ("batch_size", "seed"):
+        if not accepts(fn, a):
+            raise UserError("data.factory", f"{recipe.data.factory!r} does not take a `{a}` argument")
+    return fn
+
+
+def data_stream(recipe: Recipe, split: str, seed: int, batch_size: Optional[int] = None) -> Iterator:
+    """An infinite iterator of (inputs, targets); split is passed when the factory takes it."""
+    fn = data_factory(recipe)
+    kw: dict[str, Any] = dict(recipe.data.args)
+    if accepts(fn, "split"):
+        kw["split"] = split
+    elif split == "val":
+        seed = seed + 1_000_003  # no split support: a disjoint-seeded stream stands in for validation
+    try:
+        it = iter(fn(batch_size=batch_size or recipe.train.batch_size, seed=seed, **kw))
+    except UserError:
+        raise
+    except TypeError as e:
+        raise UserError("data.args", f"data factory call failed: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError("data", f"data factory failed: {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        raise UserError("data.factory", f"the data factory called sys.exit({e.code!r})") from None
+    return it
+
+
+def first_batch(it: Iterator, where: str = "data") -> tuple:
+    try:
+        b = next(it)
+    except StopIteration:
+        raise UserError(where, "the data iterator is empty (it must be infinite)") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(where, f"the data iterator failed: {type(e).__name__}: {e}") from None
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(torch.is_tensor(t) for t in b)):
+        raise UserError(where, "each batch must be a pair of tensors (inputs, targets)")
+    return tuple(b)
+
+
+def val_batches(recipe: Recipe, n: int, seed: int = 0, batch_size: Optional[int] = None) -> list:
+    """A fixed list of validation batches (the same at every width and trial)."""
+    it = data_stream(recipe, "val", seed, batch_size)
+    return [first_batch(it, "data")] + [next(it) for _ in range(n - 1)]
+
+
+def train_config(recipe: Recipe, device: str = "cpu", steps: Optional[int] = None, **over) -> TrainConfig:
+    t = recipe.train
+    cfg = TrainConfig(
+        steps=steps or t.steps, loss=recipe.loss, schedule=t.schedule, warmup=t.warmup,
+        min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=t.grad_accum,
+        eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every, device=device,
+        output=recipe.model.output,
+    )
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def shapes_for(recipe: Recipe, width: int, base_width: Optional[int] = None) -> Shapes:
+    """Width inference for this recipe, cached per (model spec, base width, width): coord-check,
+    sweep and tune build the same widths many times."""
+    base = base_width or recipe.widths.proxy
+    key = (json.dumps([recipe.model.model_dump(mode="json"), recipe.layouts, model_args(recipe),
+                       recipe.residual_branches, recipe.depths is not None], sort_keys=True, default=repr),
+           base, width)
+    hit = _SHAPES_CACHE.get(key)
+    if hit is None:
+        hit = infer_shapes(model_factory(recipe), model_args(recipe), base, width, recipe.layouts,
+                           example=example_input(recipe), branches=recipe.depths is not None,
+                           branch_globs=recipe.residual_branches)
+        if len(_SHAPES_CACHE) >= 64:
+            _SHAPES_CACHE.pop(next(iter(_SHAPES_CACHE)))
+        _SHAPES_CACHE[key] = hit
+    return hit
+
+
+_SHAPES_CACHE: dict[tuple, Shapes] = {}
+
+
+def example_input(recipe: Recipe):
+    """The inputs of one small training batch: what the layout trace runs the model on."""
+    x, _ = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=2))
+    return x
+
+
+def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
+          seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None,
+          optimizer: Optional[str] = None, base_depth: Optional[int] = None, depth_rule_on: bool = True) -> Parametrized:
+    """The parametrized model at `width` (and the recipe's current depth) for this recipe, relative to
+    its proxy width (and depth). `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
+    hp = hparams or HParams.from_train(recipe.train)
+    base = base_width or recipe.widths.proxy
+    return parametrize(
+        model_factory(recipe), width, base, hp, optimizer or recipe.train.optimizer,
+        model_args(recipe), recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
+        shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
+        depth=depth_rule(recipe, base_depth, depth_rule_on), muon_params=tuple(recipe.train.muon_params),
+    )
+
+
+def check_fits(recipe: Recipe, width: int, where: str, device: str = "cpu") -> None:
+    """The model at `width` must fit: fp32 weights, gradients and optimizer state against the
+    machine's memory (CPU) or the GPU's. Found on the meta device, before anything is trained."""
+    numel = sum(math.prod(p.shape) for p in shapes_for(recipe, width).params.values())
+    state = {"sgd": 1 if recipe.train.momentum else 0}.get(recipe.train.optimizer, 2)   # adam(w), muon: <= 2
+    need = numel * 4 * (2 + state)
+    have = None
+    try:
+        if device.startswith("cuda") and torch.cuda.is_available():
+            have = torch.cuda.mem_get_info()[1]
+        else:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return
+    if have and need > have:
+        raise UserError(where, f"width {width}: {numel:,} parameters need {need / 2**30:.3g} GiB for weights, "
+                        f"gradients and optimizer state; this machine has {have / 2**30:.3g} GiB")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device", "cuda requested but no GPU is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError("--device", f"unknown device {device!r}; expected auto, cpu or cuda")
+    return device
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be checked without training: factories, shapes at both widths, one batch,
+    and the model's output on it (check_model_output)."""
+    shapes_for(recipe, recipe.widths.target)
+    it = data_stream(recipe, "train", recipe.train.seed, batch_size=2)
+    train_batch = first_batch(it)
+    check_model_output(recipe, train_batch)
+    val_batch = first_batch(data_stream(recipe, "val", recipe.train.seed, batch_size=2), "data (validation)")
+    check_batches_agree(train_batch, val_batch)
+    check_model_output(recipe, val_batch, where="data (validation)")
+
+
+def check_batches_agree(train: tuple, val: tuple) -> None:
+    """Validation batches must look like training batches (all but the batch dimension, dtypes)."""
+    for i, what in ((0, "inputs"), (1, "targets")):
+        a, b = train[i], val[i]
+        if tuple(a.shape[1:]) != tuple(b.shape[1:]) or a.dtype != b.dtype:
+            raise UserError("data (validation)", f"validation {what} {tuple(b.shape)} {b.dtype} do not match "
+                            f"training {what} {tuple(a.shape)} {a.dtype} (beyond the batch dimension)")
+
+
+def check_model_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, where: str = "data") -> None:
+    """One forward pass of the model at the proxy width (on the meta device when it runs there, else
+    on the CPU) on `batch`: model.output must select a prediction that the loss can score against the
+    targets. UserError naming model.output otherwise, before anything is trained or written."""
+    x, y = batch
+    w = width or recipe.widths.proxy
+    factory = model_factory(recipe)
+    out = None
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = factory(width=w, **model_args(recipe))(x.to("meta"))
+        dev_y = y.to("meta")
+    except Exception:  # noqa: BLE001 - data-dependent forward passes need real tensors
+        out = None
+    if out is None:
+        try:
+            with torch.no_grad():
+                m = factory(width=w, **model_args(recipe))
+                m.eval()
+                out = m(x)
+        except Exception as e:  # noqa: BLE001
+            raise UserError("model", f"the forward pass failed on the first batch at width {w}: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from None
+        dev_y = y
+    try:
+        pred = select(out, recipe.model.output)
+    except OutputError as e:
+        raise UserError("model.output", str(e)) from None
+    why = check_against_targets(pred, dev_y, recipe.loss)
+    if why:
+        hint = f"{recipe.model.output!r} " if recipe.model.output is not None else ""
+        raise UserError("model.output", f"{hint}selects a {why}")
+    why = target_problem(y, pred.shape[-1] if pred.dim() else 1, recipe.loss)
+    if why:
+        raise UserError(where, why)
+
+
+def target_problem(y: torch.Tensor, classes: int, loss: str) -> Optional[str]:
+    """Why targets `y` cannot be scored by `loss` against `classes` outputs (None when they can)."""
+    if loss == "cross_entropy":
+        if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+            return f"targets have dtype {y.dtype}; cross_entropy wants integer class indices"
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+            return (f"targets out of range: min {int(y.min())}, max {int(y.max())}, but the model has "
+                    f"{classes} outputs (class indices must be in [0, {classes}))")
+    elif not (y.is_floating_point() or y.dtype in (torch.int64, torch.int32)):
+        return f"targets have dtype {y.dtype}; mse wants numbers"
+    return None

@@ -1,0 +1,95 @@
+"""The hparams file `tune` writes and `scale` reads (default runs/<name>/hparams.yaml):
+
+    recipe: recipes/quickstart.yaml
+    proxy_width: 64
+    optimizer: adamw
+    hparams: {lr: 0.0031, output_init: 1.7}
+    best_value: 2.41          # the proxy's validation loss with these values
+    study: quickstart
+    storage: sqlite:///runs/quickstart/study.db
+    steps: 60                 # train.steps the proxy was tuned with
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..atomic import write_text
+from ..errors import UserError
+from ..outputs_guard import marker
+from ..engine.hparams import TUNABLE_NAMES, HParams
+from .recipe import load_yaml
+
+REQUIRED = ("proxy_width", "optimizer", "hparams")
+
+
+def default_path(recipe_name: str, runs_dir: str | Path = "runs") -> Path:
+    return Path(runs_dir) / recipe_name / "hparams.yaml"
+
+
+def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optimizer: str, hparams: dict[str, Any],
+                       best_value: Optional[float], study: str, storage: str, steps: Optional[int] = None,
+                       extra: Optional[dict] = None) -> Path:
+    """Write atomically (temporary file, then rename)."""
+    d = {"written_by": marker("hparams"), "recipe": str(recipe), "proxy_width": int(proxy_width), "optimizer": optimizer,
+         "hparams": {k: (v if isinstance(v, bool) else float(v)) for k, v in hparams.items()},
+         "best_value": None if best_value is None else float(best_value), "study": study, "storage": storage}
+    if steps is not None:
+        d["steps"] = int(steps)
+    if extra:
+        d.update(extra)
+    return write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+
+def read_hparams_file(path: str | Path) -> dict:
+    """Parse and validate; UserError naming the file and field on any problem."""
+    p = Path(path)
+    d = load_yaml(p, "hparams")
+    if not isinstance(d, dict):
+        raise UserError(str(p), "an hparams file must be a YAML mapping")
+    for k in REQUIRED:
+        if k not in d:
+            raise UserError(f"{p}: {k}", "required field is missing")
+    if not isinstance(d["hparams"], dict):
+        raise UserError(f"{p}: hparams", "must be a mapping of tunable name to value")
+    for k, v in d["hparams"].items():
+        if k not in TUNABLE_NAMES:
+            raise UserError(f"{p}: hparams.{k}", f"unknown tunable; known: {', '.join(TUNABLE_NAMES)}")
+        if not isinstance(v, (int, float, bool)):
+            raise UserError(f"{p}: hparams.{k}", f"must be a number, got {v!r}")
+        why = value_problem(k, v)
+        if why:
+            raise UserError(f"{p}: hparams.{k}", f"{why}, got {v!r}")
+    if isinstance(d["proxy_width"], bool) or not isinstance(d["proxy_width"], int) or not 0 < d["proxy_width"] < 2**31:
+        raise UserError(f"{p}: proxy_width", f"must be a positive integer, got {d['proxy_width']!r}")
+    return d
+
+
+def value_problem(name: str, v) -> Optional[str]:
+    """Why a tuned value is out of its range (None when it is fine)."""
+    import math
+    if isinstance(v, bool):
+        return None if name == "zero_readout" else "must be a number, not true/false"
+    if name == "zero_readout":
+        return "must be true or false"
+    x = float(v)
+    if not math.isfinite(x):
+        return "must be a finite number"
+    if name in ("beta1", "beta2", "momentum"):
+        return None if 0 <= x < 1 else "must be in [0, 1)"
+    if name == "weight_decay":
+        return None if x >= 0 else "must be >= 0"
+    if not x > 0:
+        return "must be > 0"
+    if x > 1e6:
+        return "is implausibly large (> 1e6)"
+    return None
+
+
+def apply_hparams_file(base: HParams, d: dict, recipe_optimizer: str, where: str) -> HParams:
+    """The recipe's HParams with the file's tuned values; refuses a file tuned with another optimizer."""
+    if d["optimizer"] != recipe_optimizer:
+        raise UserError(where, f"tuned with optimizer {d['optimizer']!r} but the recipe uses {recipe_optimizer!r}")
+    return base.with_values(d["hparams"])

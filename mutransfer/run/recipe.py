@@ -1,0 +1,501 @@
+"""Recipes: YAML files describing model, data, widths and training, validated strictly.
+
+Every mistake raises `UserError` naming the field path (e.g. `train.lr`). Unknown keys are errors.
+Later sections (search, coord_check, sweep) are declared here too so that one schema documents all.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import UserError
+from ..engine.hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
+
+LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed")
+
+
+def _numeric(annotation) -> bool:
+    """int, float or an Optional of them."""
+    if annotation in (int, float):
+        return True
+    args = set(get_args(annotation)) - {type(None)}
+    return get_origin(annotation) is Union and bool(args) and args <= {int, float}
+
+
+class _Strict(BaseModel):
+    # unknown keys are errors; inf/nan are not numbers a recipe means
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        # YAML's `true` would pass as 1 (steps: true -> 1 step); a number field wants a number
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("Input should be a number, not true/false")
+        return v
+
+
+class FactorySpec(_Strict):
+    factory: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        if not (v.startswith("builtin:") or ":" in v):
+            raise ValueError("must be 'builtin:NAME' or 'package.module:function'")
+        return v
+
+
+class ModelSpec(FactorySpec):
+    # which tensor of the model's return value is the prediction (outputs.py): an index or a key
+    output: Optional[Union[int, str]] = None
+    # hf:<model_type> factories only (hf.py documents each)
+    task: Literal["causal-lm", "masked-lm", "sequence-classification", "image-classification", "base"] = "causal-lm"
+    width_fields: dict[str, float] = Field(default_factory=dict)
+    round_to: int = Field(default=1, ge=1)
+    heads_field: Optional[str] = None
+    head_dim: Optional[int] = Field(default=None, ge=1)
+    kv_heads_field: Optional[str] = None
+    kv_groups: int = Field(default=1, ge=1)
+    attn_implementation: Optional[Literal["eager", "sdpa"]] = None
+    # the factory keyword (hf: the config field) that sets the depth when `depths:` is given
+    depth_arg: Optional[str] = None
+
+    @field_validator("width_fields")
+    @classmethod
+    def _wf(cls, v):
+        for k, m in v.items():
+            if isinstance(m, bool) or not m > 0:
+                raise ValueError(f"{k}: multiplier must be a number > 0, got {m!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _hf_only(self) -> "ModelSpec":
+        hf = self.factory.startswith("hf:")
+        set_ = [k for k in ("width_fields", "heads_field", "head_dim", "kv_heads_field", "attn_implementation")
+                if getattr(self, k)] + [k for k, d in (("round_to", 1), ("kv_groups", 1), ("task", "causal-lm"))
+                                        if getattr(self, k) != d]
+        if set_ and not hf:
+            raise ValueError(f"{set_[0]} applies to hf: factories only")
+        if hf and not self.width_fields:
+            raise ValueError("an hf: factory needs width_fields (the config fields that grow with width)")
+        if (self.heads_field is None) != (self.head_dim is None):
+            raise ValueError("heads_field and head_dim go together")
+        if self.kv_heads_field and not self.heads_field:
+            raise ValueError("kv_heads_field needs heads_field and head_dim")
+        return self
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output(cls, v):
+        if isinstance(v, bool) or not (v is None or isinstance(v, (int, str))):
+            raise ValueError(f"must be an integer index or a key name, got {v!r}")
+        return v
+
+
+MAX_WIDTH = 2**24     # 16M: far beyond any model; catches 1e40 before torch does
+
+
+class Depths(_Strict):
+    proxy: int = Field(gt=0, le=100_000)
+    target: int = Field(gt=0, le=100_000)
+    alpha: float = Field(default=1.0, ge=0, le=1)    # 1: CompleteP, 0.5: depth-muP
+
+    @model_validator(mode="after")
+    def _order(self) -> "Depths":
+        if self.proxy > self.target:
+            raise ValueError(f"proxy depth ({self.proxy}) is above target depth ({self.target})")
+        return self
+
+
+class Widths(_Strict):
+    proxy: int = Field(gt=0, le=MAX_WIDTH)
+    target: int = Field(gt=0, le=MAX_WIDTH)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Widths":
+        if self.proxy > self.target:
+            raise ValueError(f"proxy width ({self.proxy}) is above target width ({self.target})")
+        return self
+
+
+class Train(_Strict):
+    optimizer: Literal["sgd", "adam", "adamw", "muon"] = "adamw"
+    lr: float = Field(gt=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    init_scale: float = Field(default=1.0, gt=0)
+    multipliers: dict[str, float] = Field(default_factory=dict)
+    zero_readout: bool = False
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    grad_clip: Optional[float] = Field(default=None, gt=0)
+    grad_accum: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=0, ge=0)
+    eval_batches: int = Field(default=4, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    # optimizer: muon (hidden matrices by torch.optim.Muon, the rest by AdamW)
+    adam_lr: Optional[float] = Field(default=None, gt=0)     # AdamW's LR (default 1e-3)
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(default=5, ge=1, le=20)
+    # more 2-D matrices for Muon than the hidden ones (globs; e.g. a bottleneck width -> 32)
+    muon_params: list[str] = Field(default_factory=list)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _muon_available(cls, v):
+        if v == "muon":
+            import torch
+            if not hasattr(torch.optim, "Muon"):
+                raise ValueError(f"muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        for b in v:
+            if not 0 <= b < 1:
+                raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("multipliers")
+    @classmethod
+    def _mults(cls, v: dict[str, float]):
+        for k, x in v.items():
+            if k not in MULTIPLIER_NAMES:
+                raise ValueError(f"unknown multiplier {k!r}; known: {', '.join(MULTIPLIER_NAMES)}")
+            if not x > 0:
+                raise ValueError(f"multiplier {k} must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "Train":
+        if self.warmup >= self.steps and self.warmup > 0:
+            raise ValueError(f"warmup ({self.warmup}) must be below steps ({self.steps})")
+        return self
+
+
+class Range(_Strict):
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Range":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError("needs low and high (or choices)")
+            if not self.low < self.high:
+                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+        return self
+
+
+class Search(_Strict):
+    trials: int = Field(default=20, gt=0)
+    params: dict[str, Range] = Field(default_factory=dict)
+    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seeds: int = Field(default=1, gt=0)
+    sampler_seed: Optional[int] = None
+    divergence_factor: float = Field(default=3.0, gt=1)
+    # tune: validation-loss reports for pruning every N steps (default train.eval_every, else steps // 5)
+    report_every: Optional[int] = Field(default=None, gt=0)
+    # tune: random trials before TPE/GP/CMA-ES model the space, and before the median pruner acts
+    startup_trials: Optional[int] = Field(default=None, ge=0)
+    # tune: seconds between heartbeats; a running trial silent for 3x this is a dead worker's (FAIL)
+    heartbeat: int = Field(default=10, gt=0)
+
+    @field_validator("params")
+    @classmethod
+    def _names(cls, v: dict[str, Range]):
+        for k in v:
+            if k not in TUNABLE_NAMES:
+                raise ValueError(f"unknown tunable {k!r}; known: {', '.join(TUNABLE_NAMES)}")
+        return v
+
+
+class CoordCheck(_Strict):
+    widths: Optional[list[int]] = None
+    steps: int = Field(default=5, gt=0)
+    seeds: int = Field(default=3, gt=0)
+    lr: Optional[float] = Field(default=None, gt=0)
+    batch_size: Optional[int] = Field(default=None, gt=0)
+
+    @field_validator("widths")
+    @classmethod
+    def _w(cls, v):
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("needs at least 2 widths")
+            if any(w <= 0 for w in v):
+                raise ValueError("widths must be > 0")
+        return v
+
+
+class Sweep(_Strict):
+    widths: Optional[list[int]] = None
+    lrs: Optional[list[float]] = None
+    seeds: int = Field(default=1, gt=0)
+    steps: Optional[int] = Field(default=None, gt=0)
+    param: str = "lr"                                      # or a positive tunable (sweep.SWEEPABLE)
+    values: Optional[list[float]] = None                   # the grid when param is not lr
+    parametrization: Literal["mup", "sp", "both"] = "both"
+    batch_size: Optional[int] = Field(default=None, gt=0)  # default: train.batch_size
+    average_last: Optional[int] = Field(default=None, gt=0)  # steps averaged for the loss (default 10%, >= 5)
+    divergence_factor: float = Field(default=3.0, gt=1)
+
+    @field_validator("widths")
+    @classmethod
+    def _w(cls, v):
+        if v is not None and (not v or any(w <= 0 for w in v)):
+            raise ValueError("widths must be a non-empty list of integers > 0")
+        return v
+
+    @field_validator("lrs", "values")
+    @classmethod
+    def _pos(cls, v):
+        if v is not None and (not v or any(not x > 0 for x in v)):
+            raise ValueError("must be a non-empty list of numbers > 0")
+        return v
+
+    @field_validator("param")
+    @classmethod
+    def _param(cls, v):
+        ok = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
+        if v not in ok:
+            raise ValueError(f"cannot sweep {v!r}; sweepable: {', '.join(ok)}")
+        return v
+
+
+class Recipe(_Strict):
+    # a folder name under runs/: no path separators, not "." or ".." or hidden
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+    model: ModelSpec
+    data: FactorySpec
+    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    widths: Widths
+    train: Train
+    layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed"]] = Field(
+        default_factory=dict
+    )
+    # depth transfer (depth.py): the proxy's and the target's depth and the exponent alpha
+    depths: Optional[Depths] = None
+    # globs of module names that are residual branches, when tracing cannot see them (branches.py)
+    residual_branches: list[str] = Field(default_factory=list)
+    # keep the factory's own init at the proxy (true, or globs of parameter names), transferred to
+    # other widths by the rule's ratio, instead of the rule's formula (plan.make_plan)
+    factory_init: Union[bool, list[str]] = False
+    search: Search = Field(default_factory=Search)
+    coord_check: CoordCheck = Field(default_factory=CoordCheck)
+    sweep: Sweep = Field(default_factory=Sweep)
+
+    # where the recipe came from (not a YAML key)
+    _path: Optional[Path] = None
+    # the depth this recipe object builds at (experiment.at_depth); None: depths.proxy
+    _depth: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _depth_arg(self) -> "Recipe":
+        if self.depths is not None:
+            arg = depth_arg(self)
+            if arg in self.model.args:
+                raise ValueError(f"model.args.{arg} and depths: both set the depth; remove model.args.{arg}")
+        elif self.residual_branches:
+            raise ValueError("residual_branches applies only with depths:")
+        return self
+
+    @property
+    def path(self) -> Optional[Path]:
+        return self._path
+
+
+def depth_arg(recipe: "Recipe") -> str:
+    """The keyword the model factory takes its depth by: model.depth_arg, a built-in's own, or `depth`."""
+    m = recipe.model
+    if m.depth_arg:
+        return m.depth_arg
+    if m.factory.startswith("builtin:"):
+        from ..models import BUILTIN_DEPTH_ARGS
+        return BUILTIN_DEPTH_ARGS.get(m.factory.split(":", 1)[1], "depth")
+    if m.factory.startswith("hf:"):
+        return "num_hidden_layers"
+    return "depth"
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc) or "(top level)"
+
+
+def _first_error(e: ValidationError) -> tuple[str, str]:
+    errs = e.errors()
+    # a misspelled key (`träin:`) also makes the real one "missing": name the unknown key first
+    err = next((x for x in errs if x["type"] == "extra_forbidden"), errs[0])
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        given = err.get("input")
+        if not isinstance(given, (dict, list)) and "got" not in msg:
+            msg = f"{msg.removeprefix('Value error, ')} (got {given!r})"
+    msg = msg.removeprefix("Value error, ")
+    return _format_loc(loc), msg
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(source, "a recipe must be a YAML mapping")
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        where, msg = _first_error(e)
+        raise UserError(f"{source}: {where}", msg) from None
+    return r
+
+
+MAX_NODES = 100_000        # nodes after expanding aliases: anchors are convenient, a "billion laughs" bomb is not
+MAX_DEPTH = 100
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys in one mapping, documents that expand (through aliases)
+    to more than MAX_NODES nodes (the memory bomb), and nesting deeper than MAX_DEPTH."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}    # id(node) -> nodes it expands to
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if not alias:
+            kids = node.value if isinstance(node, yaml.SequenceNode) else (
+                [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else [])
+            size = 1 + sum(self._sizes.get(id(k), 1) for k in kids)
+            self._sizes[id(node)] = size
+            if size > MAX_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"expands to more than {MAX_NODES:,} nodes through its aliases (*name)", mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; UserError naming the file (and line) if it is missing or unreadable.
+    `what` names the file's kind in the message ("recipe", "hparams")."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(str(p), f"{what} file not found")
+    try:
+        return yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise UserError(where, f"unreadable YAML ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(str(p), f"cannot read file ({e})") from None
+    except RecursionError:
+        raise UserError(str(p), "unreadable YAML (nested too deeply)") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    data = load_yaml(p, "recipe")
+    r = parse_recipe(data, str(p))
+    r._path = p
+    return r
+
+
+def resolve_factory(spec: str, field: str, builtins: dict[str, Callable]) -> Callable:
+    """'builtin:NAME' or 'package.module:function' -> the callable (cwd is on sys.path)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in builtins:
+            raise UserError(field, f"unknown builtin {name!r}; known: {', '.join(sorted(builtins))}")
+        return builtins[name]
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise UserError(field, f"{spec!r} is not 'package.module:function'")
+    # the working directory is on sys.path only while the named module is imported: afterwards a
+    # ./matplotlib.py (or any other file there) cannot shadow what mutransfer imports later
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(mod_name)
+    except SystemExit as e:
+        raise UserError(field, f"importing module {mod_name!r} called sys.exit({e.code!r})") from None
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
+        raise UserError(field, f"cannot import module {mod_name!r} ({type(e).__name__}: {e})") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    obj = mod
+    for part in fn_name.split("."):
+        if not hasattr(obj, part):
+            raise UserError(field, f"module {mod_name!r} has no attribute {fn_name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(field, f"{spec!r} is not callable")
+    return obj
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    return name in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
+    )
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    return r.model_dump(mode="json")

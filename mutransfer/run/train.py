@@ -1,0 +1,333 @@
+"""The one training loop. tune, scale, coord-check and sweep all train through `train()`.
+
+It owns: the LR schedule (warmup, then constant / cosine / linear decay, applied to every group's
+`initial_lr` so the muP ratios between groups are kept), gradient accumulation and clipping, bf16
+autocast on GPU, periodic validation, divergence detection and callbacks. Commands add behaviour
+(pruning, coordinate measurements, checkpoints, metrics files) through callbacks, never a private loop.
+
+Under torch.distributed (DDP or FSDP2 set up by the caller, see distributed.py) each step's loss is
+averaged over ranks (so every rank takes the same stop decision) and throughput is the global one.
+
+Batched trials (trial_batch.TrialBatch: several trials stacked in one module) go through this same
+loop: the loss is one per slot, each slot has its own first loss, divergence, validation loss and
+end (state.slots; a callback ends slot i by setting state.slots[i].ended, e.g. "pruned"), slots that
+ended are dropped from the stack after the step, and training stops when none is left.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..engine.outputs import select
+from .trial_batch import TrialBatch
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def loss_fn(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "cross_entropy":
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
+    if name == "mse":
+        return F.mse_loss(output.float(), target.float().reshape(output.shape))
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Multiplier of every group's initial LR at optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)
+    t = min(1.0, (step - warmup) / span)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - t)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    loss: str = "cross_entropy"
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: Optional[float] = None
+    grad_accum: int = 1
+    eval_every: int = 0            # 0: only at the end (if a val source is given)
+    eval_batches: int = 4
+    log_every: int = 10
+    device: str = "cpu"
+    amp: Optional[bool] = None     # None: bf16 autocast on CUDA only
+    divergence_factor: Optional[float] = None   # stop when loss > factor * first loss
+    start_step: int = 0            # resume: steps already done (the data iterator is advanced by the caller)
+    tf32: bool = True              # allow TF32 matmuls/convolutions on CUDA
+    output: Any = None             # which part of the model's return value is the prediction (outputs.py)
+
+
+@dataclass
+class Slot:
+    """One slot of a TrialBatch: its latest losses, and why it ended (None while it trains)."""
+    loss: float = float("nan")
+    val_loss: Optional[float] = None      # set on the steps it was evaluated, else None
+    first_loss: Optional[float] = None
+    ended: Optional[str] = None           # "diverged", "pruned", ... (set by the loop or a callback)
+    reason: str = ""
+    steps: int = 0                        # optimizer steps it took
+
+
+@dataclass
+class State:
+    """What callbacks see. `stop = True` (or a string reason) ends training after this step."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    step: int = 0                  # optimizer steps done
+    loss: float = float("nan")
+    val_loss: Optional[float] = None
+    lr: float = 0.0
+    first_loss: Optional[float] = None
+    samples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    stop: Any = False
+    diverged: bool = False
+    reason: str = ""
+    history: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    slots: list[Slot] = field(default_factory=list)   # batched trials only: one per original slot
+
+
+class Callback(Protocol):
+    def on_start(self, state: State) -> None: ...
+    def on_step(self, state: State) -> None: ...
+    def on_eval(self, state: State) -> None: ...
+    def on_end(self, state: State) -> None: ...
+
+
+def _call(callbacks, hook: str, state: State) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(state)
+
+
+def _next_batch(data: Iterator, step: int):
+    """The next training batch; a finite or failing iterator is the user's data, named as such."""
+    try:
+        b = next(data)
+    except StopIteration:
+        raise UserError("data", f"the training iterator ended after step {step} (it must be infinite)") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's iterator may raise anything
+        raise UserError("data", f"the training iterator failed at step {step + 1}: {type(e).__name__}: {e}") from None
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(torch.is_tensor(t) for t in b)):
+        raise UserError("data", f"batch {step + 1} is not a pair of tensors (inputs, targets)")
+    return b
+
+
+def _to(batch, device):
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, loss: str, device: str, amp: bool, output: Any = None):
+    """Mean loss over `batches`: a float, or for a TrialBatch a list with one per live slot (every slot
+    sees the same validation batches)."""
+    was = model.training
+    model.eval()
+    trials = isinstance(model, TrialBatch)
+    shared = trials and model.per_slot_input
+    if trials:
+        model.per_slot_input = False
+    total, n = 0.0, 0
+    try:
+        for batch in batches:
+            x, y = _to(batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(x) if trials else select(model(x), output)
+            total = total + (model.slot_losses(loss, out, y) if trials else float(loss_fn(loss, out, y)))
+            n += 1
+    finally:
+        model.train(was)
+        if trials:
+            model.per_slot_input = shared
+    if trials:
+        return (total / max(1, n)).tolist() if n else [0.0] * model.slots()
+    return total / max(1, n)
+
+
+def _world() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _global_mean(x: torch.Tensor, world: int) -> float:
+    """The mean over ranks of a scalar (one all-reduce); the value itself when not distributed."""
+    if world > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        x = x / world
+    return float(x)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterator,
+    config: TrainConfig,
+    val_batches: Optional[list] = None,
+    callbacks: Iterable = (),
+    forward: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None,
+    no_sync: Optional[Callable[[], ContextManager]] = None,
+) -> State:
+    """Train for config.steps optimizer steps (from config.start_step). Returns the final State.
+
+    `forward` replaces model(x) (e.g. a torch.compile'd module); `val_batches` is a fixed list of
+    validation batches. `no_sync()` (e.g. DDP's `model.no_sync`) wraps every micro-batch but the last
+    of a step, so gradients are all-reduced once per step. A NaN/inf loss, or a loss above
+    divergence_factor x the first, stops training with state.diverged set (before the optimizer
+    step: the parameters stay those of the last good step)."""
+    callbacks = list(callbacks)
+    dev = config.device
+    cuda = torch.device(dev).type == "cuda"
+    amp = config.amp if config.amp is not None else cuda
+    if cuda and config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    fwd = forward if forward is not None else model
+    world = _world()
+    state = State(model, optimizer, config, step=config.start_step)
+    trials = model if isinstance(model, TrialBatch) else None
+    output = None if trials is not None else config.output      # a TrialBatch selects inside each slot
+    if trials is not None:
+        state.slots = [Slot() for _ in trials.seeds]
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    model.train()
+    _call(callbacks, "on_start", state)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    busy, samples, tokens = 0.0, 0, 0     # time spent in training steps (not validation/callbacks) since the last log
+    while state.step < config.steps and not state.stop:
+        t_step = time.perf_counter()
+        f = lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * f
+        state.lr = f
+        acc = None
+        for i in range(config.grad_accum):
+            x, y = _to(_next_batch(data, state.step), dev)
+            last = i == config.grad_accum - 1
+            with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out = select(fwd(x), output)
+                loss = (trials.slot_losses(config.loss, out, y) if trials is not None
+                        else loss_fn(config.loss, out, y)) / config.grad_accum
+                loss.sum().backward()          # slots' losses are independent: each gets its own gradient
+            acc = loss.detach() if acc is None else acc + loss.detach()
+            samples += x.shape[0]
+            tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
+        if trials is not None:
+            _trials_step(state, trials, optimizer, acc, config)
+            if val_batches and (
+                (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
+            ):
+                _trials_eval(state, trials, evaluate(model, val_batches, config.loss, dev, amp))
+                _call(callbacks, "on_eval", state)
+            _call(callbacks, "on_step", state)
+            _trials_retain(state, trials, optimizer)
+            continue
+        total = _global_mean(acc, world)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if not math.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            state.loss, state.diverged, state.stop = total, True, True
+            state.reason = f"loss became {total} at step {state.step + 1}"
+            break
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.loss = total
+        if state.first_loss is None:
+            state.first_loss = total
+        if config.divergence_factor and total > config.divergence_factor * state.first_loss and state.step > 1:
+            state.diverged, state.stop = True, True
+            state.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {state.first_loss:.4g}"
+        busy += time.perf_counter() - t_step
+        if state.step % config.log_every == 0 or state.step == config.steps:
+            dt = max(busy, 1e-9)
+            state.samples_per_s, state.tokens_per_s = samples * world / dt, tokens * world / dt
+            busy, samples, tokens = 0.0, 0, 0
+        state.val_loss = None
+        if val_batches and not state.diverged and (
+            (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
+        ):
+            state.val_loss = evaluate(model, val_batches, config.loss, dev, amp, config.output)
+            if not math.isfinite(state.val_loss):
+                state.diverged, state.stop = True, True
+                state.reason = f"validation loss became {state.val_loss} at step {state.step}"
+            _call(callbacks, "on_eval", state)
+        _call(callbacks, "on_step", state)
+    _call(callbacks, "on_end", state)
+    return state
+
+
+def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor, config: TrainConfig) -> None:
+    """One optimizer step of every live slot; then each slot's loss, first loss and divergence."""
+    totals = acc.float().tolist()
+    if config.grad_clip:
+        trials.clip_grad_norm_(config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    finite = []
+    for slot_id, total in zip(trials.live, totals):
+        sl = state.slots[slot_id]
+        sl.loss, sl.steps, sl.val_loss = total, state.step, None
+        if not math.isfinite(total):
+            sl.ended, sl.reason = "diverged", f"loss became {total} at step {state.step}"
+            continue
+        finite.append(total)
+        if sl.first_loss is None:
+            sl.first_loss = total
+        elif config.divergence_factor and total > config.divergence_factor * sl.first_loss:
+            sl.ended = "diverged"
+            sl.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {sl.first_loss:.4g}"
+    state.loss = sum(finite) / len(finite) if finite else float("nan")
+    if state.first_loss is None:
+        state.first_loss = state.loss
+
+
+def _trials_eval(state: State, trials: TrialBatch, values: list) -> None:
+    good = []
+    for slot_id, v in zip(trials.live, values):
+        sl = state.slots[slot_id]
+        if sl.ended is not None:
+            continue
+        sl.val_loss = v
+        if not math.isfinite(v):
+            sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {state.step}"
+        else:
+            good.append(v)
+    state.val_loss = min(good) if good else None
+
+
+def _trials_retain(state: State, trials: TrialBatch, optimizer) -> None:
+    """Drop the slots that ended from the stack (and the optimizer); stop when none is left."""
+    keep = [i for i in trials.live if state.slots[i].ended is None]
+    if not keep:
+        state.stop = "every slot ended"
+    elif len(keep) < len(trials.live):
+        trials.retain(keep, optimizer)

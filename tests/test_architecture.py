@@ -1,0 +1,109 @@
+"""The package's layers (README "The code"): each module imports only from its own layer or the ones
+below it, and no module imports another that (directly or not) imports it back. Read from the source
+text (every `from .x import` / `from ..x import`, including those inside functions)."""
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mutransfer"
+FOUNDATIONS = {"errors", "atomic", "outputs_guard", "signals", "threads", "console", "_moved"}
+# a layer may import from the layers listed for it (and from itself)
+ALLOWED = {
+    "foundations": {"foundations"},
+    "engine": {"foundations"},
+    "models": {"foundations"},
+    "data": {"foundations"},
+    "run": {"foundations", "engine", "models", "data"},
+    "report": {"foundations", "engine", "models", "data", "run"},
+    "commands": {"foundations", "engine", "models", "data", "run", "report"},
+    "top": {"foundations", "engine", "models", "data", "run", "report", "commands"},   # __init__, cli
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        rel = p.relative_to(PKG).with_suffix("")
+        parts = [x for x in rel.parts if x != "__init__"]
+        out[".".join(parts)] = p
+    return out
+
+
+def _layer(name: str) -> str:
+    head = name.split(".")[0]
+    if head in ("engine", "run", "report", "commands", "models", "data"):
+        return head
+    if head in FOUNDATIONS:
+        return "foundations"
+    return "top"
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of the package that `name` imports (relative imports resolved)."""
+    pkg_parts = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    if name == "":
+        pkg_parts = []
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg_parts[: len(pkg_parts) - (node.level - 1)] if node.level > 1 else pkg_parts
+            target = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                full = f"{target}.{alias.name}" if target else alias.name
+                out.add(full if full in known else target)
+    return {m for m in out if m in known and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    bad = []
+    for name, deps in _graph().items():
+        for d in deps:
+            if _layer(d) != _layer(name) and _layer(d) not in ALLOWED[_layer(name)]:
+                bad.append(f"{name} ({_layer(name)}) imports {d} ({_layer(d)})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(n: str, path: list[str]) -> bool:
+        state[n] = 1
+        for d in sorted(graph[n]):
+            if state.get(d) == 1 and d != "":          # the package __init__ imports its children
+                cycle.extend(path[path.index(d):] + [d] if d in path else [n, d])
+                return True
+            if d not in state and visit(d, path + [d]):
+                return True
+        state[n] = 2
+        return False
+
+    for n in sorted(graph):
+        if n and n not in state and visit(n, [n]):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("old,new", [("experiment", "run.experiment"), ("spectral", "engine.spectral"),
+                                     ("tuning", "commands.tuning"), ("sweep_fit", "report.sweep_fit"),
+                                     ("hf", "models.hf")])
+def test_flat_import_paths_of_0_1_give_the_same_modules(old, new):
+    assert importlib.import_module(f"mutransfer.{old}") is importlib.import_module(f"mutransfer.{new}")
+
+
+def test_the_public_functions_are_not_shadowed_by_modules():
+    import mutransfer
+    import mutransfer.commands.load  # noqa: F401 - importing the module must not rebind mutransfer.load
+    import mutransfer.commands.coord_check  # noqa: F401
+
+    assert callable(mutransfer.load) and callable(mutransfer.tune) and callable(mutransfer.coord_check)
