@@ -27,4 +27,7 @@ fi
 if [[ $STEP == all || $STEP == tune ]]; then
   # issue 14: trials/hour one at a time vs batched trials on the GPU (proxy width 128), and CPU modes
   python3 bench/tune_throughput.py --trials ${TUNE_TRIALS:-32} --repeats 1 --gpu-width 128 2>&1 | tee "$OUT/tune.log"
+  # the P3 figure: proxy vs target wall time per trial, both batched (the same mode), on the GPU
+  python3 bench/tune.py --recipe recipes/gpt-pysource.yaml --grid 4 --seeds 1 --sampler-seeds 1 --budget 4 \
+    --no-random-baseline --no-throughput --wall-trials 16 --parallel-trials 16 --device cuda 2>&1 | tee -a "$OUT/tune.log"
 fi

@@ -34,11 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer.run import experiment# noqa: E402
+from mutransfer.run import experiment  # noqa: E402
 from mutransfer.run.recipe import load_recipe  # noqa: E402
 from mutransfer.engine.shapes import build_meta  # noqa: E402
 from mutransfer.run.train import loss_fn  # noqa: E402
 from mutransfer.commands.tuning import Objective, make_pruner, make_sampler, report_every  # noqa: E402
+
+
+DEVICE = "cpu"      # --device: where every trial of (a) and (b) trains
 
 
 def with_overrides(recipe, steps, seeds):
@@ -60,7 +63,7 @@ def lr_grid(recipe, n):
 
 def grid_search(recipe, width, n):
     """{lr: (mean final val loss over seeds, [per seed])}; a diverged point is its penalty."""
-    obj = Objective(recipe, width)
+    obj = Objective(recipe, width, DEVICE)
     out = {}
     for lr in lr_grid(recipe, n):
         trial = FixedTrial({"lr": lr})
@@ -74,7 +77,7 @@ def trials_to_reach(recipe, width, target, budget, sampler_seed, sampler="tpe", 
     r = recipe.model_copy(update={"search": recipe.search.model_copy(update={"sampler": sampler, "pruner": pruner})})
     study = optuna.create_study(direction="minimize", sampler=make_sampler(r, budget, sampler_seed),
                                 pruner=make_pruner(r, budget))
-    obj = Objective(r, width)
+    obj = Objective(r, width, DEVICE)
     needed = None
     for i in range(budget):
         study.optimize(obj, n_trials=1)
@@ -113,16 +116,22 @@ def search_flops(recipe, studies, flops):
     return total
 
 
-def wall_trials(recipe, width, n, lr):
+def wall_trials(recipe, width, n, lr, group=1, device="cpu"):
     """Seconds per full trial of one seed at `width` (validation batches prepared beforehand) and the
-    steps each ran (a diverged trial stops early, so use an LR safe at both widths)."""
+    steps each ran (a diverged trial stops early, so use an LR safe at both widths). group > 1: the n
+    trials run in groups of that many (batched trials, as `tune --parallel-trials`), the same mode at
+    both widths."""
+    from mutransfer.engine.hparams import HParams
+    from mutransfer.run.batched_trials import run_group
+
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"seeds": 1})})
-    obj = Objective(recipe, width)
+    val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
+    hp = HParams.from_train(recipe.train).with_values({"lr": lr})
     t0, steps = time.perf_counter(), []
-    for _ in range(n):
-        trial = FixedTrial({"lr": lr})
-        obj(trial)
-        steps.append(trial.user_attrs["steps_run"])
+    for start in range(0, n, group):
+        k = min(group, n - start)
+        trials = [FixedTrial({"lr": lr}) for _ in range(k)]
+        steps += [o.attrs["steps_run"] for o in run_group(recipe, width, device, trials, [hp] * k, val)]
     return (time.perf_counter() - t0) / n, steps
 
 
@@ -136,11 +145,16 @@ def main():
     ap.add_argument("--budget", type=int, default=16, help="max TPE trials per sampler seed")
     ap.add_argument("--wall-trials", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parallel-trials", type=int, default=1,
+                    help="(b)'s wall-time trials in groups of this many, at both widths (the same mode)")
+    ap.add_argument("--device", default="cpu", help="where the trials train: cpu | cuda")
     ap.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
                     help="skip the random-search baseline of (a)")
     ap.add_argument("--no-throughput", dest="throughput", action="store_false",
                     help="skip (c), trials per hour one at a time vs batched vs workers (bench/tune_throughput.py)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -184,14 +198,15 @@ def main():
 
     fp, ft = step_flops(recipe, proxy), step_flops(recipe, target)
     sp, stt = search_flops(recipe, studies, fp), search_flops(recipe, studies, ft)
-    print(f"\n(b) cost of the proxy search vs the same search at the target width:")
+    print("\n(b) cost of the proxy search vs the same search at the target width:")
     print(f"    FLOPs per training step: proxy {fp[0]:.3e}, target {ft[0]:.3e} -> ratio {fp[0] / ft[0]:.4f}")
     print(f"    FLOPs of the {sum(len(s.trials) for s in studies)} TPE trials above (steps actually run, pruned "
           f"ones stop early; {a.seeds} seeds each): proxy {sp:.3e}, target {stt:.3e} -> ratio {sp / stt:.4f} (goal <= 0.05)")
     lr = recipe.search.params["lr"].low
-    wp, sp_steps = wall_trials(recipe, proxy, a.wall_trials, lr)
-    wt, st_steps = wall_trials(recipe, target, a.wall_trials, lr)
-    print(f"    wall time per full trial ({a.wall_trials} trials each at lr {lr:g}, steps run {sp_steps} / "
+    wp, sp_steps = wall_trials(recipe, proxy, a.wall_trials, lr, a.parallel_trials, a.device)
+    wt, st_steps = wall_trials(recipe, target, a.wall_trials, lr, a.parallel_trials, a.device)
+    print(f"    wall time per full trial ({a.wall_trials} trials each at lr {lr:g} in groups of {a.parallel_trials} on "
+          f"{a.device}, steps run {sp_steps} / "
           f"{st_steps}, {a.threads} torch thread(s)): proxy {wp:.2f} s, target {wt:.2f} s -> ratio {wp / wt:.4f} "
           f"(goal <= 0.05)")
     if a.throughput:
