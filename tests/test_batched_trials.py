@@ -71,9 +71,10 @@ def test_a_group_trains_every_trial_as_it_trains_alone(optimizer, tied):
     seeds = [0, 0, 1, 1]
     together = _slots(r, VALUES, seeds)
     alone = [_slots(r, [v], [s])[0] for v, s in zip(VALUES, seeds)]
-    # Muon orthogonalises in bf16 (as torch.optim.Muon): a batched matmul rounds differently from a
-    # single one, ~1e-3 per update element; after 20 steps the losses still agree to 1e-4
-    _close(together, alone, rel=1e-4 if optimizer == "muon" else 1e-5)
+    # Muon orthogonalises in bf16 (as torch.optim.Muon): a batched matmul may round an element one bf16
+    # ulp (2^-8) away from a single one, depending on the CPU's kernels; here the losses agree to ~1e-4
+    # after 20 steps; 1e-3 leaves room for other machines
+    _close(together, alone, rel=1e-3 if optimizer == "muon" else 1e-5)
     # and the trials really differ (a stack that mixed them up could not pass the line above by luck)
     assert len({round(x[0], 4) for x in together}) == 4
 
