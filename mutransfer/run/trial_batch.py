@@ -1,17 +1,18 @@
 """Several trials as one model: S parametrized copies of the same architecture, their parameters
-stacked (S, *shape), trained by THE training loop (train.py) as one model whose forward runs every
-slot: `torch.func.vmap` over `functional_call`, or, for one slot or a model that cannot be
-vectorised, a plain call on row 0 (the same numbers, no vmap).
+stacked, trained by THE training loop (train.py) as one model whose forward runs every slot:
+`torch.func.vmap` over `functional_call`; for a model vmap refuses, `functional_call` on each slot
+in turn; with one slot left, a plain call of the base module, which then holds that slot's
+parameters itself. The numbers are the same either way.
 
 A slot is (trial, seed). Each slot keeps its own init (built by the plan with its trial's values and
 seed), its own LRs, decay, eps and betas (batched_optim.py) and its own forward multipliers (tied
-readouts, residual branches: hooks that read the slot's value while the slot runs). All parameters
-live in one flat tensor (S, N) (row i: slot i's parameters, one after another; Muon's matrices
-first) and so do their gradients: every parameter is a leaf that is a view of it, with its .grad a
-view of the flat gradient (autograd accumulates in place, as DDP's bucket views), so the optimizer is
-a dozen operations over one tensor and no gradient is copied. Slots with the
-same seed see the same data stream (as trials trained one after another do); when the live slots
-have several seeds each gets its own rows of the batch (SlotData).
+readouts, residual branches: hooks that read the running slot's value). All parameters live in one
+flat tensor (S, N) (row i: slot i's parameters, one after another; Muon's matrices first) and so do
+their gradients: every parameter is a leaf viewing it, with its .grad a view of the flat gradient
+(autograd accumulates in place, as with DDP's bucket views), so the optimizer is a dozen operations
+over one tensor and no gradient is copied. Slots with the same seed see the same data stream (as
+trials trained one after another do); when the live slots have several seeds each gets its own rows
+of the batch (SlotData).
 
 Nothing is stored on tensors: the plan per slot stays plain data; the stack is this module's.
 """
@@ -166,15 +167,6 @@ class TrialBatch(nn.Module):
         self.live = list(keep)
         if optimizer is not None:
             optimizer.retain(rows, self.flat, self.flat_grad)
-
-    def slot_model(self, slot: int) -> nn.Module:
-        """The plain model of one live slot, with its trained values (for inspection and tests)."""
-        row = self.live.index(slot)
-        values = self.views(self.flat[row])
-        with torch.no_grad():
-            for name, p in self.base.named_parameters():
-                p.copy_(values[name])
-        return self.base
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
