@@ -149,6 +149,8 @@ def test_a_model_vmap_refuses_falls_back_with_the_reason(tmp_path):
     why = probe(r, 16, "cpu")
     assert why is not None and ".item()" in why, why
     assert probe(gpt_recipe(), 32, "cpu") is None
+    rec_eval = {**rec, "model": {"factory": "batched_models:eval_item", "args": {"in_dim": 8}}}
+    assert ".item()" in (probe(parse_recipe(rec_eval), 16, "cpu") or "")     # eval mode is probed too
     (tmp_path / "itemy.yaml").write_text(yaml.safe_dump(rec))
     res = cli_in(tmp_path, "tune", "itemy.yaml", "--parallel-trials", "3", "--device", "cpu")
     assert res.exit_code == 0, res.output

@@ -151,8 +151,8 @@ def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Se
 
 
 def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:
-    """None when two slots of this model train under vmap (one forward and backward on the first
-    batch, identical to the loop one); else the reason, in one line."""
+    """None when two slots of this model run under vmap (a forward and backward in training mode and
+    a forward in eval mode, on the first batch); else the reason, in one line."""
     hp = HParams.from_train(recipe.train)
     try:
         batch = build_batch(recipe, width, [hp, hp], [recipe.train.seed] * 2, device, vectorise=True)
@@ -162,6 +162,9 @@ def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = batch(x)
         batch.slot_losses(recipe.loss, out, y).sum().backward()
+        batch.eval()                       # validation runs the model in eval mode: that path too
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            batch(x)
     except Exception as e:  # noqa: BLE001 - vmap's refusals come as many exception types
         first = (str(e).strip().splitlines() or [""])[0]
         return f"{type(e).__name__}: {first[:200]}"
