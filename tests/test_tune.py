@@ -191,8 +191,10 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     tiny_recipe(tmp_path / "t.yaml", steps=STEPS, trials=N, pruner="none")
     db = tmp_path / "runs" / "tiny" / "study.db"
     url = f"sqlite:///{db}"
+    # one trial at a time (this test counts single orphans; groups: the test below)
+    one = ("--parallel-trials", 1)
     # 1. killed with SIGKILL mid-trial: the trial stays RUNNING in the storage
-    proc = spawn(tmp_path, "t.yaml")
+    proc = spawn(tmp_path, "t.yaml", *one)
     wait_for(proc, url, db, done=2, steps=STEPS)
     proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
@@ -203,7 +205,7 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     assert 2 <= len(before) <= N - 2 and len(orphan) == 1
     time.sleep(max(0.0, killed_at + 3.5 - time.time()))   # the heartbeat grace period (3 x 1 s)
     # 2. rerun, then Ctrl-C (SIGINT) mid-trial: clean stop, exit 130, finished trials kept
-    proc = spawn(tmp_path, "t.yaml")
+    proc = spawn(tmp_path, "t.yaml", *one)
     wait_for(proc, url, db, done=len(before) + 1, steps=STEPS)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -215,7 +217,7 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     kept = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
     assert len(kept) > len(before) and {k: kept[k] for k in before} == before
     # 3. rerun to the end
-    proc = spawn(tmp_path, "t.yaml")
+    proc = spawn(tmp_path, "t.yaml", *one)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "resuming" in out
@@ -225,6 +227,39 @@ def test_sigkill_then_ctrl_c_then_rerun_ends_with_exactly_n_finished(tmp_path):
     assert {t.number: t.value for t in finished if t.number in kept} == kept   # kept, not redone
     assert len({t.params["lr"] for t in finished}) == N        # no trial repeated
     assert len(trials) == N + 2                                # N finished + the killed + the interrupted
+
+
+def test_a_killed_group_leaves_its_trials_to_the_heartbeat_and_the_rerun_ends_with_exactly_n(tmp_path):
+    """Groups of trials (the tiny MLP is batched by default): SIGKILL mid-group leaves the group's
+    trials RUNNING; they are failed by the heartbeat rule and the rerun finishes exactly N."""
+    N = 8
+    tiny_recipe(tmp_path / "t.yaml", steps=STEPS, trials=N, pruner="none")
+    db = tmp_path / "runs" / "tiny" / "study.db"
+    url = f"sqlite:///{db}"
+    proc = spawn(tmp_path, "t.yaml", "--parallel-trials", 3)
+    def second_group_running() -> bool:
+        try:
+            st = load(url)
+        except KeyError:                 # the file exists, the study not yet
+            return False
+        return len(st.get_trials(states=(TrialState.RUNNING,))) == 3 and count_finished(st) >= 3
+
+    deadline = time.time() + 60
+    while time.time() < deadline and not (db.exists() and second_group_running()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    orphans = [t.number for t in load(url).get_trials() if t.state == TrialState.RUNNING]
+    # the kill lands a moment after the poll: the group may have told one or two of its trials by then
+    assert 1 <= len(orphans) <= 3, [(t.number, t.state) for t in load(url).get_trials()]
+    time.sleep(3.5)                                              # the heartbeat grace period (3 x 1 s)
+    proc = spawn(tmp_path, "t.yaml", "--parallel-trials", 3)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    trials = load(url).get_trials()
+    assert count_finished(load(url)) == N
+    assert {t.number for t in trials if t.state == TrialState.FAIL} == set(orphans)
+    assert len({t.number for t in trials}) == len(trials) == N + len(orphans)
 
 
 def test_two_local_workers_share_one_journal_storage(tmp_path):

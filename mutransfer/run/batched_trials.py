@@ -16,6 +16,7 @@ step (TrialBatch(vectorise=False)); `probe()` says which, and why, before the fi
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -171,29 +172,77 @@ def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:
     return None
 
 
+def _numel(recipe: Recipe, width: int) -> int:
+    return sum(math.prod(p.shape) for p in experiment.shapes_for(recipe, width, width).params.values())
+
+
 def slot_bytes(recipe: Recipe, width: int) -> int:
     """Memory of one slot beyond the shared data: fp32 weights, gradients, optimizer state (2 moments),
     plus activations of one step, estimated as 4 bytes x (tokens of a batch) x width x 16 per block."""
     shapes = experiment.shapes_for(recipe, width, width)
-    numel = sum(math.prod(p.shape) for p in shapes.params.values())
+    numel = _numel(recipe, width)
     x, _ = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))
     tokens = x.numel()
     blocks = max(1, len(shapes.branches.modules) // 2) if shapes.branches else 4
     return numel * 4 * 4 + tokens * width * 16 * 4 * blocks
 
 
+def step_flops(recipe: Recipe, width: int) -> Optional[tuple[float, float]]:
+    """FLOPs of one trial's training step (forward and backward, every micro-batch) and of one
+    validation batch (forward), counted on the meta device; None when the model cannot run there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..engine.outputs import select
+    from ..engine.shapes import build_meta
+    from .train import loss_fn
+
+    try:
+        x, y = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))
+        model = build_meta(experiment.model_factory(recipe), width, experiment.model_args(recipe))
+        xm, ym = x.to("meta"), y.to("meta")
+        with FlopCounterMode(display=False) as fc:
+            loss_fn(recipe.loss, select(model(xm), recipe.model.output), ym).backward()
+        train_f = fc.get_total_flops() * recipe.train.grad_accum
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            loss_fn(recipe.loss, select(model(xm), recipe.model.output), ym)
+        return float(train_f), float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001 - a model that cannot run on meta: its size stays unknown
+        return None
+
+
+CPU_WORK = 1e8               # work per stacked CPU step that hides a step's Python overhead (FLOP-equivalents)
+CPU_FLOPS_PER_PARAM = 500     # an optimizer step's memory traffic per parameter, in FLOP-equivalents
+CPU_MAX_GROUP = 32
+
+
 def choose_parallel(recipe: Recipe, width: int, device: str, trials: int, explicit: Optional[int] = None) -> int:
-    """Trials per group. --parallel-trials wins. On a GPU: as many as fit in half its free memory (at
-    most 64): a proxy uses a few percent of it and one trial leaves it idle. On CPU: one. A CPU step
-    is compute-bound already (a proxy GPT's matmuls run near the cores' peak) or, for tiny models,
-    bound by the optimizer's memory traffic, which grows with the stack and leaves the cache: measured
-    on 2 cores, a group of 8 trains at 0.9-1.1x the trial-steps per second of one trial at a time
-    (bench/tune_throughput.py), while asking for several trials at once gives the sampler less
-    information per trial."""
+    """Trials per group. --parallel-trials wins. Otherwise at most half the trials (a second group
+    then asks with what the first taught the sampler), and:
+      GPU: as many as fit in half its free memory (at most 64); one proxy trial leaves a GPU idle.
+      CPU: by the model's size. A small proxy's step is bound by Python overhead (~0.3 ms), which
+           stacking trials amortises until a step does ~100 MFLOP-equivalents of work; a
+           larger one is bound by arithmetic (its matmuls run near the cores' peak) or by the
+           optimizer's memory traffic (~500 FLOP-equivalents per parameter: an embedding-heavy MLP of
+           9 MFLOP but 156k parameters gains nothing), and trains one at a time. Measured on 2 cores
+           (bench/tune_throughput.py, per trial-step against one at a time): an MLP of 0.6 MFLOP and
+           3k parameters 9.9x in groups of 32; 3.9 MFLOP / 11k: 5.8x; 14 MFLOP / 38k: 2.1x with 8;
+           53 MFLOP / 142k, the 156k-parameter MLP and the 380 MFLOP quick-start GPT: 0.85-1.1x.
+    Memory bounds every choice. On CPU the choice depends on the recipe, not on the machine's cores
+    (memory aside), so a study with a sampler_seed draws the same trials on another machine."""
     if explicit:
         return max(1, min(explicit, trials))
-    if torch.device(device).type != "cuda":
-        return 1
+    cap = max(1, (trials + 1) // 2)
     per = max(1, slot_bytes(recipe, width) * recipe.search.seeds)
-    free = torch.cuda.mem_get_info(torch.device(device))[0]
-    return max(1, min(64, trials, int(free * 0.5 // per)))
+    if torch.device(device).type == "cuda":
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        return max(1, min(64, cap, int(free * 0.5 // per)))
+    flops = step_flops(recipe, width)
+    if flops is None:
+        return 1
+    work = (flops[0] + CPU_FLOPS_PER_PARAM * _numel(recipe, width)) * recipe.search.seeds
+    want = int(CPU_WORK // max(1.0, work))
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        have = 4 << 30
+    return max(1, min(CPU_MAX_GROUP, cap, want, int(have * 0.25 // per)))
