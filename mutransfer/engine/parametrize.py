@@ -25,7 +25,7 @@ from .shapes import Shapes, infer_shapes
 @dataclass
 class Parametrized:
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: Optional[torch.optim.Optimizer]     # None when built with_optimizer=False
     plan: Plan
     hooks: list = field(default_factory=list)   # handles of the plan's forward multipliers (removable)
 
@@ -187,12 +187,14 @@ def parametrize(
     factory_init: bool | list[str] = False,
     depth: Optional[tuple[int, int, float]] = None,
     muon_params: tuple = (),
+    with_optimizer: bool = True,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
     when already inferred (infer_shapes for the same factory, args, widths and layouts). `example`, a
     model input, lets width inference trace how parameters of no known module are used.
-    `factory_init` (True or globs) keeps the factory's own init at the proxy, transferred by ratio."""
+    `factory_init` (True or globs) keeps the factory's own init at the proxy, transferred by ratio.
+    with_optimizer=False leaves Parametrized.optimizer None (a caller with its own, e.g. batched trials)."""
     hp = hparams or HParams()
     args = args or {}
     if shapes is None:
@@ -206,5 +208,5 @@ def parametrize(
     model = build_model(factory, width, args, device, skip_init=skip)
     init_model(model, plan, seed, proxy_stds)
     hooks = attach_readout_multipliers(model, plan)
-    opt = make_optimizer(param_groups(model, plan), optimizer, hp, device)
+    opt = make_optimizer(param_groups(model, plan), optimizer, hp, device) if with_optimizer else None
     return Parametrized(model, opt, plan, hooks)

@@ -45,8 +45,10 @@ def newton_schulz(g: torch.Tensor, steps: int, eps: float = NS_EPS) -> torch.Ten
     return x.transpose(-2, -1) if tall else x
 
 
-class BatchedOptimizer(torch.optim.Optimizer):
-    """One group over the flat parameter. `group` holds: kind (adam|adamw|sgd|muon); lr, weight_decay
+class BatchedOptimizer:
+    """One group over the flat parameter, with the part of torch.optim.Optimizer's interface the
+    training loop uses (param_groups, state, step, zero_grad). Not its subclass: the flat parameter and
+    per-slot rows fit neither its per-parameter state_dict nor its hooks, and nothing here needs them. `group` holds: kind (adam|adamw|sgd|muon); lr, weight_decay
     (maps (S, N)); eps (S, N) for Adam kinds; beta1, beta2, momentum (S, 1); for muon also
     muon_momentum (S, 1), nesterov, ns_steps, muon_cols and matrices [(offset, rows, cols)] inside
     the first muon_cols columns. The training loop's schedule rewrites `lr` from `initial_lr`."""
@@ -59,7 +61,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
             group[k] = _uniform(group.get(k))      # one value for every element: a float, fewer passes
         group.setdefault("initial_lr", group["lr"])
         group.setdefault("muon_cols", 0)
-        super().__init__([group], {})
+        self.param_groups = [group]
+        self.state: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,7 +72,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         g = self.param_groups[0]
         p = g["params"][0]
-        st = self.state[p]
+        st = self.state.setdefault(id(p), {})
         kind, grad, m0 = g["kind"], g["grad"], g["muon_cols"]
         st["step"] = st.get("step", 0) + 1
         wd = g["weight_decay"]
@@ -145,8 +148,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
         for k in MAPS:
             if torch.is_tensor(g.get(k)):
                 g[k] = g[k].index_select(0, idx)
-        st = self.state.pop(old, {})
-        self.state[new_flat] = {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in st.items()}
+        st = self.state.pop(id(old), {})
+        self.state[id(new_flat)] = {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in st.items()}
         g["params"], g["grad"] = [new_flat], new_grad
 
 

@@ -103,7 +103,7 @@ def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Seque
     """The TrialBatch of these (values, seed) slots at `width`, the proxy being `width` itself (a plain
     model there, as `scale` rebuilds it from proxy_width)."""
     specs = [SlotSpec(experiment.build(recipe, width, hp, device=device, seed=seed, base_width=width,
-                                       base_depth=experiment.depth_of(recipe)), hp, seed)
+                                       base_depth=experiment.depth_of(recipe), with_optimizer=False), hp, seed)
              for hp, seed in zip(hps, seeds)]
     return TrialBatch(specs, recipe.model.output, vectorise=vectorise)
 

@@ -158,7 +158,8 @@ def example_input(recipe: Recipe):
 
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
           seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None,
-          optimizer: Optional[str] = None, base_depth: Optional[int] = None, depth_rule_on: bool = True) -> Parametrized:
+          optimizer: Optional[str] = None, base_depth: Optional[int] = None, depth_rule_on: bool = True,
+          with_optimizer: bool = True) -> Parametrized:
     """The parametrized model at `width` (and the recipe's current depth) for this recipe, relative to
     its proxy width (and depth). `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
     hp = hparams or HParams.from_train(recipe.train)
@@ -168,6 +169,7 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
         model_args(recipe), recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
         shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
         depth=depth_rule(recipe, base_depth, depth_rule_on), muon_params=tuple(recipe.train.muon_params),
+        with_optimizer=with_optimizer,
     )
 
 
