@@ -180,6 +180,7 @@ def test_tune_parallel_trials_end_to_end(tmp_path):
     assert [t.user_attrs["parallel_trials"] for t in sorted(finished, key=lambda t: t.number)] == [4, 4, 4, 4, 2, 2]
     assert {t.user_attrs["device"] for t in finished} == {"cpu"}
     assert {t.user_attrs["precision"] for t in finished} == {"fp32"}
+    assert st.user_attrs["devices"] == ["cpu"] and st.user_attrs["precisions"] == ["fp32"]
     assert (tmp_path / "runs" / "quickstart" / "hparams.yaml").exists()
     # resume: asks only what is missing
     res = cli_in(tmp_path, "tune", "q.yaml", "--parallel-trials", "4", "--trials", "7", "--device", "cpu")

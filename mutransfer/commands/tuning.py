@@ -47,7 +47,7 @@ from ..signals import available_cpus, worker_signals
 from ..threads import choose as threads_choose, configure as threads_configure
 from ..run.study import (Heartbeat, count_finished, default_storage, fail_stale, open_storage, storage_file,
                     storage_lock, check_journal_file, journal_path, release_connections, creation_race)
-from ..run.batched_trials import Outcome, choose_parallel, probe, report_every, run_group
+from ..run.batched_trials import Outcome, choose_parallel, precision, probe, report_every, run_group
 
 POSITIVE = ("lr", "init_scale", "eps")
 UNIT = ("momentum", "beta1", "beta2")
@@ -293,6 +293,11 @@ class Worker:
     def _prepare(self) -> None:
         r = self.recipe
         self.val = experiment.val_batches(r, r.train.eval_batches, seed=r.train.seed)
+        # the study records where and in what precision its trials ran (each trial says so too)
+        for key, value in (("devices", self.device), ("precisions", precision(self.device, r))):
+            have = list(self.study.user_attrs.get(key, []))
+            if value not in have:
+                self.study.set_user_attr(key, have + [value])
         self.group_size = choose_parallel(r, self.opts.width, self.device, self.opts.trials,
                                           self.opts.parallel_trials or None)
         if self.group_size * r.search.seeds > 1:
