@@ -362,17 +362,23 @@ class Worker:
         try:
             run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise,
                       done=lambda i, out: done(trials[i], out))
+            return
         except torch.cuda.OutOfMemoryError:
-            keep = [i for i, t in enumerate(trials) if t.number not in told]
-            trials, hps = [trials[i] for i in keep], [hps[i] for i in keep]
-            if len(trials) <= 1:
+            if len(trials) == 1:
                 raise
+        # outside the except block: the failed group's tensors, held by the traceback, are free now
+        keep = [i for i, t in enumerate(trials) if t.number not in told]
+        trials, hps = [trials[i] for i in keep], [hps[i] for i in keep]
+        if not trials:
+            return
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            half = (len(trials) + 1) // 2
-            self.group_size = min(self.group_size, half)
-            if self.say is not None:
-                self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
-            self._fitting(trials[:half], hps[:half], done, told)
+        half = (len(trials) + 1) // 2
+        self.group_size = min(self.group_size, half)
+        if self.say is not None:
+            self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
+        self._fitting(trials[:half], hps[:half], done, told)
+        if trials[half:]:
             self._fitting(trials[half:], hps[half:], done, told)
 
     def _tell(self, trial, out: Outcome) -> None:
