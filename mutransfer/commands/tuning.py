@@ -307,6 +307,9 @@ class Worker:
                 if self.say is not None:
                     self.say(f"trials run one at a time: the model cannot be vectorised with torch.func.vmap ({why})")
                 self.group_size = 1
+        if self.group_size > 1 and self.say is not None:
+            how = "given by --parallel-trials" if self.opts.parallel_trials else "chosen from the model's size"
+            self.say(f"{self.group_size} trials train at once, stacked ({how}; --parallel-trials 1 for one at a time)")
 
     def _ask(self) -> list:
         """Up to group_size new trials, recounting finished + running before each."""
