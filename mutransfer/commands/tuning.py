@@ -311,10 +311,10 @@ class Worker:
             how = "given by --parallel-trials" if self.opts.parallel_trials else "chosen from the model's size"
             self.say(f"{self.group_size} trials train at once, stacked ({how}; --parallel-trials 1 for one at a time)")
 
-    def _ask(self) -> list:
-        """Up to group_size new trials, recounting finished + running before each."""
+    def _ask(self, limit: Optional[int] = None) -> list:
+        """Up to `limit` (default: the group size) new trials, recounting finished + running before each."""
         asked = []
-        while len(asked) < self.group_size:
+        while len(asked) < (self.group_size if limit is None else limit):
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if count_finished(self.study) + running >= self.opts.trials:
                 break
@@ -337,8 +337,12 @@ class Worker:
 
     def _run(self, trials: list, on_trial=None) -> None:
         """Train a group; tell each trial's outcome as soon as it ends (progress and the sampler see it
-        then). Interrupted or failed: the trials not told yet are FAIL (not counted), as optimize does."""
+        then) and put new trials in the places that free up. Interrupted or failed: the trials not
+        told yet are FAIL (not counted), as optimize does."""
         told: set[int] = set()
+        asked = list(trials)                   # every trial of this run, refills included
+        values: dict[int, HParams] = {}
+        beat = Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat)
 
         def done(trial, out: Outcome) -> None:
             self._tell(trial, out)
@@ -346,12 +350,24 @@ class Worker:
             if on_trial is not None:
                 on_trial(self.study)
 
+        def hp(trial) -> HParams:
+            if trial.number not in values:
+                values[trial.number] = self.base.with_values(suggest(trial, self.recipe))
+            return values[trial.number]
+
+        def more(k: int) -> list:
+            fail_stale(self.study, self.grace)     # a dead worker's trials must not hold places in the count
+            new = self._ask(limit=k)
+            for t in new:
+                asked.append(t)
+                beat.add(t._trial_id)
+            return [(t, hp(t)) for t in new]
+
         try:
-            with Heartbeat(self.study, [t._trial_id for t in trials], self.recipe.search.heartbeat):
-                hps = [self.base.with_values(suggest(t, self.recipe)) for t in trials]
-                self._fitting(trials, hps, done, told)
+            with beat:
+                self._fitting(trials, [hp(t) for t in trials], done, told, more, hp)
         except BaseException:
-            for t in trials:
+            for t in asked:
                 if t.number not in told:
                     try:
                         self.study.tell(t, state=TrialState.FAIL)
@@ -359,30 +375,36 @@ class Worker:
                         pass
             raise
 
-    def _fitting(self, trials: list, hps: list, done, told: set) -> None:
-        """Run the group; when it does not fit in the GPU's memory, the trials not told yet in halves
-        (and keep the smaller group size for the next groups)."""
+    def _fitting(self, trials: list, hps: list, done, told: set, more, hp) -> None:
+        """Run the group (refilled by `more` as trials end); when it does not fit in the GPU's memory,
+        the trials not told yet in halves (and keep the smaller group size for the next groups)."""
+        order = list(trials)                   # run_group's trial order: the group, then its refills
+
+        def ask(k: int) -> list:
+            new = more(k)
+            order.extend(t for t, _ in new)
+            return new
+
         try:
             run_group(self.recipe, self.opts.width, self.device, trials, hps, self.val, self.vectorise,
-                      done=lambda i, out: done(trials[i], out))
+                      done=lambda i, out: done(order[i], out), ask=ask)
             return
         except torch.cuda.OutOfMemoryError:
-            if len(trials) == 1:
+            if len(order) == 1:
                 raise
         # outside the except block: the failed group's tensors, held by the traceback, are free now
-        keep = [i for i, t in enumerate(trials) if t.number not in told]
-        trials, hps = [trials[i] for i in keep], [hps[i] for i in keep]
-        if not trials:
+        left = [t for t in order if t.number not in told]
+        if not left:
             return
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        half = (len(trials) + 1) // 2
+        half = (len(left) + 1) // 2
         self.group_size = min(self.group_size, half)
         if self.say is not None:
-            self.say(f"a group of {len(trials)} trials did not fit in GPU memory; groups of {half} from now on")
-        self._fitting(trials[:half], hps[:half], done, told)
-        if trials[half:]:
-            self._fitting(trials[half:], hps[half:], done, told)
+            self.say(f"a group of {len(left)} trials did not fit in GPU memory; groups of {half} from now on")
+        for part in (left[:half], left[half:]):
+            if part:
+                self._fitting(part, [hp(t) for t in part], done, told, more, hp)
 
     def _tell(self, trial, out: Outcome) -> None:
         for k, v in out.attrs.items():

@@ -74,7 +74,7 @@ class BatchedOptimizer:
         p = g["params"][0]
         st = self.state.setdefault(id(p), {})
         kind, grad, m0 = g["kind"], g["grad"], g["muon_cols"]
-        st["step"] = st.get("step", 0) + 1
+        st["t"] = [t + 1 for t in st.get("t", [0] * p.shape[0])]     # each row's own step count
         wd = g["weight_decay"]
         if kind in ("adamw", "muon") and (torch.is_tensor(wd) or wd != 0.0):
             p.mul_(1 - g["lr"] * wd)                          # decoupled ("independent") decay, every column
@@ -96,19 +96,28 @@ class BatchedOptimizer:
         if "exp_avg" not in st:
             st["exp_avg"] = torch.zeros_like(p)
             st["exp_avg_sq"] = torch.zeros_like(p)
-        t, b1, b2 = st["step"], g["beta1"], g["beta2"]
+        b1, b2 = g["beta1"], g["beta2"]
         st["exp_avg"].lerp_(grad, 1 - b1)
         if torch.is_tensor(b2):
             st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad * (1 - b2))
         else:
             st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        bc2 = (1 - b2 ** t) ** 0.5
-        denom = st["exp_avg_sq"].sqrt().div_(bc2).add_(_cols(g["eps"], m0))
+        ts = st["t"]
         lr = g["lr"][:, m0:]
-        if torch.is_tensor(b1):
-            p.addcdiv_(st["exp_avg"] * (lr / (1 - b1 ** t)), denom, value=-1.0)
-        else:
-            p.addcdiv_(st["exp_avg"] * lr, denom, value=-1.0 / (1 - b1 ** t))
+        if all(x == ts[0] for x in ts):
+            # every row at the same step: torch's arithmetic (bias corrections as Python numbers)
+            t = ts[0]
+            denom = st["exp_avg_sq"].sqrt().div_((1 - b2 ** t) ** 0.5).add_(_cols(g["eps"], m0))
+            if torch.is_tensor(b1):
+                p.addcdiv_(st["exp_avg"] * (lr / (1 - b1 ** t)), denom, value=-1.0)
+            else:
+                p.addcdiv_(st["exp_avg"] * lr, denom, value=-1.0 / (1 - b1 ** t))
+            return
+        # rows that joined later (refilled trials) are at steps of their own: per-row bias
+        # corrections, computed in float64 as torch computes its Python numbers
+        bc1, bc2 = _bias(b1, ts, p), _bias(b2, ts, p)
+        denom = st["exp_avg_sq"].sqrt().div_(bc2.sqrt().to(p.dtype)).add_(_cols(g["eps"], m0))
+        p.addcdiv_(st["exp_avg"] * (lr / bc1.to(p.dtype)), denom, value=-1.0)
 
     @staticmethod
     def _sgd(p, grad, st, g):
@@ -149,7 +158,36 @@ class BatchedOptimizer:
             if torch.is_tensor(g.get(k)):
                 g[k] = g[k].index_select(0, idx)
         st = self.state.pop(id(old), {})
-        self.state[id(new_flat)] = {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in st.items()}
+        self.state[id(new_flat)] = {k: (v.index_select(0, idx) if torch.is_tensor(v) else
+                                        [v[i] for i in rows] if k == "t" else v) for k, v in st.items()}
+        g["params"], g["grad"] = [new_flat], new_grad
+
+    def add(self, new_flat: torch.Tensor, new_grad: torch.Tensor, values: dict) -> None:
+        """Rows for slots appended to the stack (refilled trials): `values` holds their maps and
+        columns (as make_optimizer builds them); their moments start at zero and their steps at 0,
+        as a fresh optimizer's would (SGD's zero buffer gives the first step's buffer = gradient)."""
+        g = self.param_groups[0]
+        old = g["params"][0]
+        k = new_flat.shape[0] - old.shape[0]
+        for key, v in values.items():
+            cur = g.get(key)
+            if cur is None or not torch.is_tensor(v):
+                continue
+            if not torch.is_tensor(cur):
+                if bool((v == cur).all()):
+                    continue                  # still one value for every element
+                cur = torch.full((old.shape[0], v.shape[1]), float(cur), dtype=v.dtype, device=v.device)
+            g[key] = torch.cat([cur, v])
+        st = self.state.pop(id(old), {})
+        grown = {}
+        for key, v in st.items():
+            if key == "t":
+                grown[key] = list(v) + [0] * k
+            elif torch.is_tensor(v) and v.dim():
+                grown[key] = torch.cat([v, v.new_zeros((k, *v.shape[1:]))])
+            else:
+                grown[key] = v
+        self.state[id(new_flat)] = grown
         g["params"], g["grad"] = [new_flat], new_grad
 
 
@@ -158,6 +196,13 @@ def _uniform(v):
     if torch.is_tensor(v) and v.numel() and bool((v == v.flatten()[0]).all()):
         return float(v.flatten()[0])
     return v
+
+
+def _bias(beta, steps: list, like: torch.Tensor) -> torch.Tensor:
+    """1 - beta^t per row, a float64 column (S, 1); beta a float or a per-row column."""
+    t = torch.tensor(steps, dtype=torch.float64, device=like.device).view(-1, 1)
+    b = beta.double() if torch.is_tensor(beta) else torch.tensor(float(beta), dtype=torch.float64, device=like.device)
+    return 1 - b ** t
 
 
 def _cols(v, start: int):

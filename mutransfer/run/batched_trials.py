@@ -52,38 +52,35 @@ def precision(device: str, recipe: Recipe) -> str:
 
 class _Reports:
     """Callback: initial validation losses per slot; every evaluation, each trial's mean over its live
-    seeds -> trial.report(), and the pruner's verdict; a diverged seed ends its trial's other seeds.
-    A trial whose slots have all ended is handed to `done` at once (its outcome), before the group ends."""
+    seeds -> trial.report() at its own step, and the pruner's verdict; a diverged seed ends its
+    trial's other seeds. A trial whose slots have all ended is handed to `done` at once (its outcome).
+    With `refill`, trials that ended make room for new ones (on_refill)."""
 
-    def __init__(self, trials: Sequence, slots_of: list[list[int]], val: list, outcome, done=None):
-        self.trials, self.slots_of, self.val = trials, slots_of, val
-        self.outcome, self.done = outcome, done
-        self.init_val: list[float] = []
+    def __init__(self, group: "_Group"):
+        self.g = group
         self.pruned: dict[int, str] = {}
         self.results: dict[int, Outcome] = {}
 
     def on_start(self, state: State) -> None:
-        c = state.config
-        amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
-        self.init_val = evaluate(state.model, self.val, c.loss, c.device, amp)
+        self.g.record_init_values(state, list(state.model.live))
 
     def on_eval(self, state: State) -> None:
-        for t, (trial, slots) in enumerate(zip(self.trials, self.slots_of)):
+        for t, (trial, slots) in enumerate(zip(self.g.trials, self.g.slots_of)):
             sl = [state.slots[i] for i in slots]
-            if any(s.ended is not None for s in sl):
+            if t in self.results or any(s.ended is not None for s in sl):
                 continue
             vals = [s.val_loss for s in sl]
             if any(v is None for v in vals):
                 continue
-            mean = sum(vals) / len(vals)
-            trial.report(mean, state.step)
+            mean, step = sum(vals) / len(vals), sl[0].steps
+            trial.report(mean, step)
             if trial.should_prune():
-                self.pruned[t] = f"validation loss {mean:.4g} at step {state.step}"
+                self.pruned[t] = f"validation loss {mean:.4g} at step {step}"
                 for s in sl:
                     s.ended = "pruned"
 
     def on_step(self, state: State) -> None:
-        for t, slots in enumerate(self.slots_of):
+        for t, slots in enumerate(self.g.slots_of):
             sl = [state.slots[i] for i in slots]
             if any(s.ended == "diverged" for s in sl):
                 for s in sl:
@@ -92,10 +89,13 @@ class _Reports:
             if t not in self.results and all(s.ended is not None for s in sl):
                 self.finish(t, state)
 
+    def on_refill(self, state: State) -> None:
+        self.g.refill(state, self)
+
     def finish(self, t: int, state: State) -> None:
-        self.results[t] = self.outcome(t, state)
-        if self.done is not None:
-            self.done(t, self.results[t])
+        self.results[t] = self.g.outcome(t, state, self)
+        if self.g.done is not None:
+            self.g.done(t, self.results[t])
 
 
 def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Sequence[int], device: str,
@@ -108,32 +108,72 @@ def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Seque
     return TrialBatch(specs, recipe.model.output, vectorise=vectorise)
 
 
-def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Sequence[HParams], val: list,
-              vectorise: bool = True, done: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
-    """Train these trials (optuna.Trial or FixedTrial, with their values `hps`) together; one Outcome
-    each. Reports and pruning go through each trial as it trains; `done(i, outcome)` is called for
-    trial i as soon as it ends (pruned or diverged ones before the others finish)."""
-    r, t0 = recipe, time.perf_counter()
-    seeds = [r.train.seed + s for s in range(r.search.seeds)]
-    slot_hps, slot_seeds, slots_of = [], [], []
-    for hp in hps:
-        slots_of.append(list(range(len(slot_hps), len(slot_hps) + len(seeds))))
-        slot_hps += [hp] * len(seeds)
-        slot_seeds += seeds
-    batch = build_batch(r, width, slot_hps, slot_seeds, device, vectorise)
-    opt = make_optimizer(batch, r.train.optimizer)
-    cfg = experiment.train_config(r, device=device, eval_every=report_every(r),
-                                  divergence_factor=r.search.divergence_factor)
+class _Group:
+    """The trials of one run_group call, their slots (one per seed) and how they end."""
 
-    def outcome(t: int, state: State) -> Outcome:
-        sl = [state.slots[i] for i in slots_of[t]]
+    def __init__(self, recipe: Recipe, width: int, device: str, vectorise: bool, val: list, done, ask, capacity: int):
+        self.r, self.width, self.device, self.vectorise, self.val = recipe, width, device, vectorise, val
+        self.done, self.ask, self.capacity = done, ask, capacity
+        self.seeds = [recipe.train.seed + s for s in range(recipe.search.seeds)]
+        self.trials: list = []
+        self.slots_of: list[list[int]] = []
+        self.started: list[float] = []
+        self.init_val: dict[int, float] = {}
+        self.batch: Optional[TrialBatch] = None
+        self.opt = None
+        self.every = report_every(recipe)
+
+    def specs(self, hps: Sequence[HParams]) -> list[SlotSpec]:
+        r = self.r
+        return [SlotSpec(experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width,
+                                          base_depth=experiment.depth_of(r), with_optimizer=False), hp, seed)
+                for hp in hps for seed in self.seeds]
+
+    def register(self, trials: Sequence, first_slot: int) -> None:
+        k = len(self.seeds)
+        for j, trial in enumerate(trials):
+            self.trials.append(trial)
+            self.slots_of.append(list(range(first_slot + j * k, first_slot + (j + 1) * k)))
+            self.started.append(time.perf_counter())
+
+    def record_init_values(self, state: State, slot_ids: list[int]) -> None:
+        """Validation loss at initialisation of these slots (a diverged trial's penalty is a multiple)."""
+        c = state.config
+        amp = c.amp if c.amp is not None else torch.device(c.device).type == "cuda"
+        values = evaluate(self.batch, self.val, c.loss, c.device, amp)
+        for i, v in zip(self.batch.live, values):
+            if i in slot_ids:
+                self.init_val[i] = v
+
+    def refill(self, state: State, rep: _Reports) -> None:
+        """Ask for trials where others ended, while every live slot is at an evaluation point of its
+        own (so the stack's slots stay in phase: they evaluate on the same loop iterations)."""
+        if self.ask is None:
+            return
+        live = [i for i in self.batch.live if state.slots[i].ended is None]
+        if any(state.slots[i].steps % self.every for i in live):
+            return
+        running = sum(1 for t in range(len(self.trials)) if t not in rep.results)
+        free = self.capacity - running
+        new = self.ask(free) if free > 0 else []
+        if not new:
+            return
+        trials, hps = [t for t, _ in new], [h for _, h in new]
+        ids = self.batch.add(self.specs(hps), self.opt, at=state.step)
+        self.register(trials, ids[0])
+        self.record_init_values(state, ids)
+
+    def outcome(self, t: int, state: State, rep: _Reports) -> Outcome:
+        r, slots = self.r, self.slots_of[t]
+        sl = [state.slots[i] for i in slots]
         attrs: dict[str, Any] = {"steps_run": sum(s.steps for s in sl),
-                                 "seconds": round(time.perf_counter() - t0, 3), "parallel_trials": len(hps),
-                                 "device": device, "precision": precision(device, r)}
-        bad = [(i, s) for i, s in zip(slots_of[t], sl) if s.ended == "diverged"]
+                                 "seconds": round(time.perf_counter() - self.started[t], 3),
+                                 "parallel_trials": self.capacity, "device": self.device,
+                                 "precision": precision(self.device, r)}
+        bad = [(i, s) for i, s in zip(slots, sl) if s.ended == "diverged"]
         if bad:
-            finite = [v for v in (rep.init_val[i] for i in slots_of[t]) if math.isfinite(v)]
-            attrs.update(diverged=True, reason=f"seed {slot_seeds[bad[0][0]]}: {bad[0][1].reason}")
+            finite = [v for v in (self.init_val.get(i, math.nan) for i in slots) if math.isfinite(v)]
+            attrs.update(diverged=True, reason=f"seed {self.batch.seeds[bad[0][0]]}: {bad[0][1].reason}")
             return Outcome("complete", float(r.search.divergence_factor * max(finite)) if finite
                            else PENALTY_FALLBACK, attrs=attrs)
         if t in rep.pruned:
@@ -142,13 +182,29 @@ def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Se
         attrs.update(diverged=False, seed_values=finals)
         return Outcome("complete", sum(finals) / len(finals), attrs=attrs)
 
-    rep = _Reports(trials, slots_of, val, outcome, done)
-    data = SlotData(batch, lambda s: experiment.data_stream(r, "train", s))
-    state = train(batch, opt, data, cfg, val, [rep])
-    for t in range(len(trials)):
+
+def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Sequence[HParams], val: list,
+              vectorise: bool = True, done: Optional[Callable[[int, Outcome], None]] = None,
+              ask: Optional[Callable[[int], list]] = None) -> list[Outcome]:
+    """Train these trials (optuna.Trial or FixedTrial, with their values `hps`) together; one Outcome
+    each, in the order the trials were trained. Reports and pruning go through each trial as it
+    trains; `done(i, outcome)` is called for trial i as soon as it ends (pruned or diverged ones
+    before the others finish). `ask(k)`, when given, is called as trials end for up to k more
+    (trial, values) pairs, trained in the freed places (a group of len(trials) places): each new
+    trial starts from its own step 0, data and optimizer state, as it would alone."""
+    r = recipe
+    g = _Group(r, width, device, vectorise, val, done, ask, capacity=len(trials))
+    g.batch = TrialBatch(g.specs(hps), r.model.output, vectorise=vectorise)
+    g.register(trials, 0)
+    g.opt = make_optimizer(g.batch, r.train.optimizer)
+    cfg = experiment.train_config(r, device=device, eval_every=g.every, divergence_factor=r.search.divergence_factor)
+    rep = _Reports(g)
+    data = SlotData(g.batch, lambda s: experiment.data_stream(r, "train", s))
+    state = train(g.batch, g.opt, data, cfg, val, [rep])
+    for t in range(len(g.trials)):
         if t not in rep.results:
             rep.finish(t, state)
-    return [rep.results[t] for t in range(len(trials))]
+    return [rep.results[t] for t in range(len(g.trials))]
 
 
 def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:

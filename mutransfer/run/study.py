@@ -266,8 +266,14 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def _beat(self) -> None:
-        for tid in self.trial_ids:
+    def add(self, trial_id: int) -> None:
+        """One more trial to keep alive (a trial that joined a running group), with a first beat now:
+        a trial whose worker dies before any beat would never look stale to Optuna's RDB rule."""
+        self.trial_ids.append(trial_id)
+        self._beat([trial_id])
+
+    def _beat(self, ids=None) -> None:
+        for tid in list(self.trial_ids if ids is None else ids):
             try:
                 if self._rdb:
                     backend(self.study).record_heartbeat(tid)

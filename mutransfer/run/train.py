@@ -9,9 +9,11 @@ Under torch.distributed (DDP or FSDP2 set up by the caller, see distributed.py) 
 averaged over ranks (so every rank takes the same stop decision) and throughput is the global one.
 
 Batched trials (trial_batch.TrialBatch: several trials stacked in one module) go through this same
-loop: the loss is one per slot, each slot has its own first loss, divergence, validation loss and
-end (state.slots; a callback ends slot i by setting state.slots[i].ended, e.g. "pruned"), slots that
-ended are dropped from the stack after the step, and training stops when none is left.
+loop: the loss is one per slot, and each slot has its own step count (its LR schedule and evaluation
+points follow it), first loss, divergence, validation loss and end (state.slots; a callback ends
+slot i by setting state.slots[i].ended, e.g. "pruned"; a slot that reaches config.steps ends
+"finished"). Ended slots leave the stack after the step; an `on_refill` callback may then add new
+ones (TrialBatch.add); training stops when no slot is left.
 """
 from __future__ import annotations
 
@@ -219,12 +221,13 @@ def train(
     _call(callbacks, "on_start", state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     busy, samples, tokens = 0.0, 0, 0     # time spent in training steps (not validation/callbacks) since the last log
-    while state.step < config.steps and not state.stop:
+    while (trials is not None or state.step < config.steps) and not state.stop:
         t_step = time.perf_counter()
-        f = lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
+        f = (_trials_lr(state, trials, config) if trials is not None else
+             lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio))
         for g in optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
-        state.lr = f
+        state.lr = f if not torch.is_tensor(f) else float(f.mean())
         acc = None
         for i in range(config.grad_accum):
             x, y = _to(_next_batch(data, state.step), dev)
@@ -240,13 +243,15 @@ def train(
             tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
         if trials is not None:
             _trials_step(state, trials, optimizer, acc, config)
-            if val_batches and (
-                (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
-            ):
-                _trials_eval(state, trials, evaluate(model, val_batches, config.loss, dev, amp))
+            due = [i for i in trials.live if state.slots[i].ended is None and _eval_due(state.slots[i].steps, config)]
+            if val_batches and due:
+                _trials_eval(state, trials, evaluate(model, val_batches, config.loss, dev, amp), due)
                 _call(callbacks, "on_eval", state)
+            for i in trials.live:
+                if state.slots[i].ended is None and state.slots[i].steps >= config.steps:
+                    state.slots[i].ended = "finished"
             _call(callbacks, "on_step", state)
-            _trials_retain(state, trials, optimizer)
+            _trials_retain(state, trials, optimizer, callbacks)
             continue
         total = _global_mean(acc, world)
         if config.grad_clip:
@@ -284,6 +289,19 @@ def train(
     return state
 
 
+def _eval_due(steps: int, config: TrainConfig) -> bool:
+    return bool(config.eval_every and steps % config.eval_every == 0) or steps == config.steps
+
+
+def _trials_lr(state: State, trials: TrialBatch, config: TrainConfig):
+    """Each live slot's schedule factor at its own step: one number while they agree, else a column."""
+    fs = [lr_factor(state.slots[i].steps, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
+          for i in trials.live]
+    if all(f == fs[0] for f in fs):
+        return fs[0]
+    return torch.tensor(fs, dtype=torch.float32, device=trials.flat.device).view(-1, 1)
+
+
 def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor, config: TrainConfig) -> None:
     """One optimizer step of every live slot; then each slot's loss, first loss and divergence."""
     totals = acc.float().tolist()
@@ -295,9 +313,10 @@ def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor,
     finite = []
     for slot_id, total in zip(trials.live, totals):
         sl = state.slots[slot_id]
-        sl.loss, sl.steps, sl.val_loss = total, state.step, None
+        sl.steps += 1
+        sl.loss, sl.val_loss = total, None
         if not math.isfinite(total):
-            sl.ended, sl.reason = "diverged", f"loss became {total} at step {state.step}"
+            sl.ended, sl.reason = "diverged", f"loss became {total} at step {sl.steps}"
             continue
         finite.append(total)
         if sl.first_loss is None:
@@ -310,24 +329,28 @@ def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor,
         state.first_loss = state.loss
 
 
-def _trials_eval(state: State, trials: TrialBatch, values: list) -> None:
+def _trials_eval(state: State, trials: TrialBatch, values: list, due: list[int]) -> None:
+    """Validation losses of the slots due (every live slot was evaluated; the others keep None)."""
     good = []
     for slot_id, v in zip(trials.live, values):
         sl = state.slots[slot_id]
-        if sl.ended is not None:
+        if slot_id not in due:
             continue
         sl.val_loss = v
         if not math.isfinite(v):
-            sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {state.step}"
+            sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {sl.steps}"
         else:
             good.append(v)
     state.val_loss = min(good) if good else None
 
 
-def _trials_retain(state: State, trials: TrialBatch, optimizer) -> None:
-    """Drop the slots that ended from the stack (and the optimizer); stop when none is left."""
+def _trials_retain(state: State, trials: TrialBatch, optimizer, callbacks: list) -> None:
+    """Let `on_refill` callbacks add slots (TrialBatch.add) where others ended; drop the slots that
+    ended from the stack (and the optimizer); stop when none is left."""
+    _call(callbacks, "on_refill", state)
+    state.slots += [Slot() for _ in range(len(trials.seeds) - len(state.slots))]
     keep = [i for i in trials.live if state.slots[i].ended is None]
-    if not keep:
+    if not keep:                      # the last rows stay (their values can be read after training)
         state.stop = "every slot ended"
     elif len(keep) < len(trials.live):
         trials.retain(keep, optimizer)

@@ -66,6 +66,7 @@ class TrialBatch(nn.Module):
         self.vectorise = vectorise
         self.live = list(range(len(specs)))
         self.seeds = [s.seed for s in specs]
+        self.starts = [0] * len(specs)           # the loop's iteration each slot joined at
         self.per_slot_input = False
         params, buffers = stack_module_state([s.built.model for s in specs])
         plan0 = specs[0].built.plan
@@ -168,6 +169,29 @@ class TrialBatch(nn.Module):
         if optimizer is not None:
             optimizer.retain(rows, self.flat, self.flat_grad)
 
+    def add(self, specs: Sequence[SlotSpec], optimizer: Optional[BatchedOptimizer] = None, at: int = 0) -> list[int]:
+        """Append slots (new trials, joining at the loop's iteration `at`): their parameters, buffers,
+        forward multipliers and optimizer rows join the stack. Returns their slot ids."""
+        params, buffers = stack_module_state([s.built.model for s in specs])
+        k = len(specs)
+        rows = torch.cat([params[n].detach().reshape(k, -1) for n, _, _ in self.layout], 1)
+        ids = list(range(len(self.seeds), len(self.seeds) + k))
+        self.seeds += [s.seed for s in specs]
+        self.starts += [at] * k
+        self.plans += [s.built.plan for s in specs]
+        self.hps += [s.hp for s in specs]
+        self._set_flat(torch.cat([self.flat, rows.to(self.flat.device, self.flat.dtype)]))
+        self._buffers_stacked = _grown(self._buffers_stacked, {n: b.detach() for n, b in buffers.items()})
+        self.mults = _grown(self.mults, _slot_multipliers(specs))
+        self.live += ids
+        if optimizer is not None:
+            optimizer.add(self.flat, self.flat_grad, slot_values(self, self.plans[-k:], self.hps[-k:]))
+        return ids
+
+
+def _grown(old: dict, new: dict) -> dict:
+    return {k: torch.cat([v, new[k].to(v.device, v.dtype)]) for k, v in old.items()}
+
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """Parameter name (as named_parameters gives it) -> every name it has (tied weights: several)."""
@@ -268,61 +292,67 @@ def slot_losses(name: str, out: torch.Tensor, target: torch.Tensor, per_slot_tar
 
 
 class SlotData:
-    """The training batches of a TrialBatch: one stream per distinct seed, consumed in lockstep.
-    While every live slot has one seed the batch is shared (no copy); otherwise each slot gets the
-    rows of its seed's batch (x, y of shape (S, ...))."""
+    """The training batches of a TrialBatch: one stream per (seed, iteration the slot joined at), so
+    each slot reads its seed's stream from its own start, as the trial trained alone would. While
+    every live slot reads the same stream the batch is shared (no copy); otherwise each slot gets
+    its stream's batch (x, y of shape (S, ...))."""
 
     def __init__(self, batch: TrialBatch, stream: Callable[[int], Iterator]):
-        self.batch = batch
-        self.streams = {s: stream(s) for s in sorted(set(batch.seeds))}
+        self.batch, self.stream = batch, stream
+        self.streams: dict[tuple[int, int], Iterator] = {}
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        now = {s: next(it) for s, it in self.streams.items()}
-        seeds = [self.batch.seeds[i] for i in self.batch.live]
-        if len(set(seeds)) == 1:
+        keys = [(self.batch.seeds[i], self.batch.starts[i]) for i in self.batch.live]
+        for k in set(keys) - set(self.streams):
+            self.streams[k] = self.stream(k[0])
+        for k in set(self.streams) - set(keys):        # no live slot reads it any more
+            del self.streams[k]
+        now = {k: next(it) for k, it in self.streams.items()}
+        if len(now) == 1:
             self.batch.per_slot_input = False
-            return now[seeds[0]]
+            return now[keys[0]]
         self.batch.per_slot_input = True
-        xs = torch.stack([now[s][0] for s in seeds])
-        ys = torch.stack([now[s][1] for s in seeds])
-        return xs, ys
+        return torch.stack([now[k][0] for k in keys]), torch.stack([now[k][1] for k in keys])
 
 
-def make_optimizer(batch: TrialBatch, optimizer: str) -> BatchedOptimizer:
-    """The batched optimizer over the flat parameter: every element's LR, decay and eps are its slot's
-    value for its parameter (the slots' plans); betas and momenta are per slot."""
-    flat = batch.flat
-    S, N = flat.shape
+def slot_values(batch: TrialBatch, plans: Sequence, hps: Sequence[HParams]) -> dict[str, torch.Tensor]:
+    """The optimizer's values for these slots (their plans and hparams): per element of the flat row
+    lr, weight_decay, eps (k, N); per slot beta1, beta2, momentum, muon_momentum (k, 1). Frozen
+    parameters get LR 0."""
+    k, N, dev = len(plans), batch.flat.shape[1], batch.flat.device
 
     def per_element(value) -> torch.Tensor:
-        out = torch.empty(S, N, dtype=torch.float32, device=flat.device)
+        out = torch.empty(k, N, dtype=torch.float32, device=dev)
         for name, off, shape in batch.layout:
-            n = math.prod(shape)
-            col = torch.tensor([float(value(plan.params[name], hp)) for plan, hp in zip(batch.plans, batch.hps)],
-                               dtype=torch.float32, device=flat.device)
-            out[:, off:off + n] = col.view(S, 1)
+            col = torch.tensor([float(value(plan.params[name], hp)) for plan, hp in zip(plans, hps)],
+                               dtype=torch.float32, device=dev)
+            out[:, off:off + math.prod(shape)] = col.view(k, 1)
         return out
 
     def per_slot(value) -> torch.Tensor:
-        return torch.tensor([[float(value(hp))] for hp in batch.hps], dtype=torch.float32, device=flat.device)
+        return torch.tensor([[float(value(hp))] for hp in hps], dtype=torch.float32, device=dev)
 
     lr = per_element(lambda q, hp: q.lr)
     for name, off, shape in batch.layout:
         if name in batch.frozen:
             lr[:, off:off + math.prod(shape)] = 0.0
-    group = {"kind": optimizer, "lr": lr,
-             "weight_decay": per_element(lambda q, hp: q.weight_decay),
-             "eps": per_element(lambda q, hp: q.eps if q.eps is not None else hp.eps),
-             "beta1": per_slot(lambda hp: hp.beta1), "beta2": per_slot(lambda hp: hp.beta2),
-             "momentum": per_slot(lambda hp: hp.momentum)}
+    return {"lr": lr, "initial_lr": lr.clone(), "weight_decay": per_element(lambda q, hp: q.weight_decay),
+            "eps": per_element(lambda q, hp: q.eps if q.eps is not None else hp.eps),
+            "beta1": per_slot(lambda hp: hp.beta1), "beta2": per_slot(lambda hp: hp.beta2),
+            "momentum": per_slot(lambda hp: hp.momentum), "muon_momentum": per_slot(lambda hp: hp.muon_momentum)}
+
+
+def make_optimizer(batch: TrialBatch, optimizer: str) -> BatchedOptimizer:
+    """The batched optimizer over the flat parameter: every element's LR, decay and eps are its slot's
+    value for its parameter (the slots' plans); betas and momenta are per slot."""
+    group = {"kind": optimizer, **slot_values(batch, batch.plans, batch.hps)}
     if optimizer == "muon":
         plan0 = batch.plans[0]
         mats = [(off, shape[0], shape[1]) for name, off, shape in batch.layout
                 if plan0.params[name].optimizer == "muon"]
-        group.update(muon_momentum=per_slot(lambda hp: hp.muon_momentum), nesterov=batch.hps[0].nesterov,
-                     ns_steps=batch.hps[0].ns_steps, matrices=mats,
+        group.update(nesterov=batch.hps[0].nesterov, ns_steps=batch.hps[0].ns_steps, matrices=mats,
                      muon_cols=sum(r * c for _, r, c in mats))
-    return BatchedOptimizer(flat, batch.flat_grad, group)
+    return BatchedOptimizer(batch.flat, batch.flat_grad, group)
