@@ -1,17 +1,21 @@
 """A group of Optuna trials trained at once: every (trial, seed) is a slot of one TrialBatch, trained by
-THE loop (train.train) in lockstep. One trial alone is a group of one: the same code, the same
-optimizer (batched_optim.py), so `--parallel-trials 1` and batched tuning cannot drift apart.
+THE loop (train.train). One trial alone is a group of one: the same code, the same optimizer
+(batched_optim.py), so `--parallel-trials 1` and batched tuning cannot drift apart.
 
 Per trial, exactly as one trial trained alone:
   - its value is the final validation loss, mean over its seeds;
-  - it reports the mean validation loss of its seeds every report_every steps; the pruner ends all
-    its slots (its slots leave the stack: a pruned trial costs nothing afterwards);
+  - it reports the mean validation loss of its seeds every report_every of its steps; the pruner ends
+    all its slots (they leave the stack: a pruned trial costs nothing afterwards);
   - a seed that diverges (NaN/inf, or a loss above divergence_factor x its first) ends the trial with
     the penalty divergence_factor x the worst finite initial validation loss of its seeds.
 
+Refill (`ask`): when trials end, new ones take their places at the stack's next evaluation point (the
+live slots are then all at a multiple of report_every, so the stack stays in phase and evaluates
+together); a new trial starts from its own step 0 with its own data stream and optimizer state.
+
 Models that cannot be vectorised (torch.func.vmap refuses them: data-dependent control flow, .item(),
-in-place updates of buffers, custom autograd functions) run their slots one after another in each
-step (TrialBatch(vectorise=False)); `probe()` says which, and why, before the first group.
+custom autograd functions without a vmap rule) run their slots one after another in each step
+(TrialBatch(vectorise=False)); `probe()` says which, and why, before the first group.
 """
 from __future__ import annotations
 
