@@ -64,14 +64,15 @@ class _Reports:
         self.g = group
         self.pruned: dict[int, str] = {}
         self.results: dict[int, Outcome] = {}
+        self.active: list[int] = list(range(len(group.trials)))    # trials still training (no result yet)
 
     def on_start(self, state: State) -> None:
         self.g.record_init_values(state, list(state.model.live))
 
     def on_eval(self, state: State) -> None:
-        for t, (trial, slots) in enumerate(zip(self.g.trials, self.g.slots_of)):
-            sl = [state.slots[i] for i in slots]
-            if t in self.results or any(s.ended is not None for s in sl):
+        for t in self.active:
+            trial, sl = self.g.trials[t], [state.slots[i] for i in self.g.slots_of[t]]
+            if any(s.ended is not None for s in sl):
                 continue
             vals = [s.val_loss for s in sl]
             if any(v is None for v in vals):
@@ -84,19 +85,20 @@ class _Reports:
                     s.ended = "pruned"
 
     def on_step(self, state: State) -> None:
-        for t, slots in enumerate(self.g.slots_of):
-            sl = [state.slots[i] for i in slots]
+        for t in list(self.active):
+            sl = [state.slots[i] for i in self.g.slots_of[t]]
             if any(s.ended == "diverged" for s in sl):
                 for s in sl:
                     if s.ended is None:
                         s.ended, s.reason = "stopped", "another seed of its trial diverged"
-            if t not in self.results and all(s.ended is not None for s in sl):
+            if all(s.ended is not None for s in sl):
                 self.finish(t, state)
 
     def on_refill(self, state: State) -> None:
         self.g.refill(state, self)
 
     def finish(self, t: int, state: State) -> None:
+        self.active.remove(t)
         self.results[t] = self.g.outcome(t, state, self)
         if self.g.done is not None:
             self.g.done(t, self.results[t])
@@ -157,13 +159,13 @@ class _Group:
         live = [i for i in self.batch.live if state.slots[i].ended is None]
         if any(state.slots[i].steps % self.every for i in live):
             return
-        running = sum(1 for t in range(len(self.trials)) if t not in rep.results)
-        free = self.capacity - running
+        free = self.capacity - len(rep.active)
         new = self.ask(free) if free > 0 else []
         if not new:
             return
         trials, hps = [t for t, _ in new], [h for _, h in new]
         ids = self.batch.add(self.specs(hps), self.opt, at=state.step)
+        rep.active += range(len(self.trials), len(self.trials) + len(trials))
         self.register(trials, ids[0])
         self.record_init_values(state, ids)
 
@@ -205,9 +207,8 @@ def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Se
     rep = _Reports(g)
     data = SlotData(g.batch, lambda s: experiment.data_stream(r, "train", s))
     state = train(g.batch, g.opt, data, cfg, val, [rep])
-    for t in range(len(g.trials)):
-        if t not in rep.results:
-            rep.finish(t, state)
+    for t in list(rep.active):
+        rep.finish(t, state)
     return [rep.results[t] for t in range(len(g.trials))]
 
 

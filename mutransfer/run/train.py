@@ -226,7 +226,8 @@ def train(
         f = (_trials_lr(state, trials, config) if trials is not None else
              lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio))
         for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * f
+            # a factor of 1 keeps the initial LR as it is (for batched trials a whole map, not re-made)
+            g["lr"] = g["initial_lr"] if (not torch.is_tensor(f) and f == 1.0) else g["initial_lr"] * f
         state.lr = f if not torch.is_tensor(f) else float(f.mean())
         acc = None
         for i in range(config.grad_accum):
