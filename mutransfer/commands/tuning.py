@@ -294,7 +294,7 @@ class Worker:
         r = self.recipe
         self.val = experiment.val_batches(r, r.train.eval_batches, seed=r.train.seed)
         # the study records where and in what precision its trials ran (each trial says so too)
-        for key, value in (("devices", self.device), ("precisions", precision(self.device, r))):
+        for key, value in (("devices", self.device), ("precisions", precision(self.device))):
             have = list(self.study.user_attrs.get(key, []))
             if value not in have:
                 self.study.set_user_attr(key, have + [value])

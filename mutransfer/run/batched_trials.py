@@ -49,7 +49,7 @@ def report_every(recipe: Recipe) -> int:
     return recipe.search.report_every or recipe.train.eval_every or max(1, recipe.train.steps // 5)
 
 
-def precision(device: str, recipe: Recipe) -> str:
+def precision(device: str) -> str:
     """What the trials compute in (recorded on every trial): bf16 autocast on CUDA, else fp32."""
     return "bf16-autocast" if torch.device(device).type == "cuda" else "fp32"
 
@@ -104,14 +104,19 @@ class _Reports:
             self.g.done(t, self.results[t])
 
 
+def slot_specs(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Sequence[int],
+               device: str) -> list[SlotSpec]:
+    """The slots of these (values, seed) pairs at `width`, the proxy being `width` itself (a plain model
+    there, as `scale` rebuilds it from proxy_width)."""
+    return [SlotSpec(experiment.build(recipe, width, hp, device=device, seed=seed, base_width=width,
+                                      base_depth=experiment.depth_of(recipe), with_optimizer=False), hp, seed)
+            for hp, seed in zip(hps, seeds)]
+
+
 def build_batch(recipe: Recipe, width: int, hps: Sequence[HParams], seeds: Sequence[int], device: str,
                 vectorise: bool) -> TrialBatch:
-    """The TrialBatch of these (values, seed) slots at `width`, the proxy being `width` itself (a plain
-    model there, as `scale` rebuilds it from proxy_width)."""
-    specs = [SlotSpec(experiment.build(recipe, width, hp, device=device, seed=seed, base_width=width,
-                                       base_depth=experiment.depth_of(recipe), with_optimizer=False), hp, seed)
-             for hp, seed in zip(hps, seeds)]
-    return TrialBatch(specs, recipe.model.output, vectorise=vectorise)
+    """The TrialBatch of these (values, seed) slots."""
+    return TrialBatch(slot_specs(recipe, width, hps, seeds, device), recipe.model.output, vectorise=vectorise)
 
 
 class _Group:
@@ -130,10 +135,9 @@ class _Group:
         self.every = report_every(recipe)
 
     def specs(self, hps: Sequence[HParams]) -> list[SlotSpec]:
-        r = self.r
-        return [SlotSpec(experiment.build(r, self.width, hp, device=self.device, seed=seed, base_width=self.width,
-                                          base_depth=experiment.depth_of(r), with_optimizer=False), hp, seed)
-                for hp in hps for seed in self.seeds]
+        """A slot per (trial, seed), a trial's seeds side by side."""
+        return slot_specs(self.r, self.width, [hp for hp in hps for _ in self.seeds], self.seeds * len(hps),
+                          self.device)
 
     def register(self, trials: Sequence, first_slot: int) -> None:
         k = len(self.seeds)
@@ -175,7 +179,7 @@ class _Group:
         attrs: dict[str, Any] = {"steps_run": sum(s.steps for s in sl),
                                  "seconds": round(time.perf_counter() - self.started[t], 3),
                                  "parallel_trials": self.capacity, "device": self.device,
-                                 "precision": precision(self.device, r)}
+                                 "precision": precision(self.device)}
         bad = [(i, s) for i, s in zip(slots, sl) if s.ended == "diverged"]
         if bad:
             finite = [v for v in (self.init_val.get(i, math.nan) for i in slots) if math.isfinite(v)]
