@@ -65,11 +65,7 @@ class BatchedOptimizer:
         self.state: dict = {}
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self) -> None:
         g = self.param_groups[0]
         p = g["params"][0]
         st = self.state.setdefault(id(p), {})
@@ -87,7 +83,6 @@ class BatchedOptimizer:
             self._sgd(pe, ge, st, g)
         else:
             self._adam(pe, ge, st, g, m0)
-        return loss
 
     # ---------------------------------------------------------------- the rules ---------------------------
 
