@@ -109,7 +109,10 @@ def scale(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     hparams: Optional[Path] = typer.Option(None, help="tuned hparams file (default runs/<name>/hparams.yaml)"),
     width: Optional[int] = typer.Option(None, help="target width (default: widths.target)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: train.steps)"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: target.steps or "
+                                        "target.tokens_per_param, else train.steps)"),
+    batch_size: Optional[int] = typer.Option(None, help="global batch size (default: target.batch_size, else "
+                                             "train.batch_size)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model"),
     fsdp: bool = typer.Option(False, "--fsdp", help="FSDP2 under torchrun (default DDP)"),
@@ -137,17 +140,24 @@ def scale(
             r = at_depth(r, depth if depth is not None else r.depths.target)
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
         make_console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
+        from .commands.scale import horizon_line, horizon_of
+        from .run.experiment import target_run
+        hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))
+        if not hz.identity:
+            make_console(highlight=False).print(horizon_line(hz))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth)
+            plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth,
+                                         horizon=hz)
         render(plan, cost, shapes.unknown)
         if json_path:
             write_json(plan, cost, json_path)
         return
     from .commands.scale import ScaleOptions, run_scale
 
-    res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device, compile, fsdp,
-                                 checkpoint_every, resume, str(out) if out else None, log=tuple(log), depth=depth))
+    res = run_scale(ScaleOptions(str(recipe), str(hparams) if hparams else None, w, steps, device=device,
+                                 compile=compile, fsdp=fsdp, checkpoint_every=checkpoint_every, resume=resume,
+                                 out=str(out) if out else None, log=tuple(log), depth=depth, batch_size=batch_size))
     if res.exit_code:
         raise typer.Exit(res.exit_code)
 

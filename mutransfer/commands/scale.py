@@ -38,6 +38,7 @@ from ..report.loggers import Loggers, check_kinds
 from ..run.hparams_file import apply_hparams_file, default_path, read_hparams_file
 from ..run.metrics import LiveProgress, MetricsFile, peak_flops
 from ..engine.parametrize import make_optimizer, param_groups
+from ..engine.plan import at_horizon
 from ..run.recipe import Recipe, load_recipe, recipe_to_dict
 from ..run.train import train
 
@@ -48,6 +49,7 @@ class ScaleOptions:
     hparams: Optional[str] = None
     width: Optional[int] = None
     steps: Optional[int] = None
+    batch_size: Optional[int] = None   # the target's global batch (default target.batch_size, else train's)
     device: str = "auto"
     compile: bool = False
     fsdp: bool = False
@@ -98,15 +100,28 @@ def resolve_hparams(recipe: Recipe, path: Optional[str], runs_dir: str = "runs")
     return HParamsSource(hp, bw, f"tuned values from {p}", d, bd if recipe.depths is not None else None)
 
 
-def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) -> dict:
-    """TP5, wider is better: the target's validation loss against the proxy's best (same steps)."""
+def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int,
+                   batch: Optional[int] = None, proxy_batch: Optional[int] = None) -> dict:
+    """TP5, wider is better: the target's validation loss against the proxy's best. A target that is
+    wider *and* trains on at least as many samples (longer, or on bigger batches: the horizon and
+    batch rules moved its settings there) must be better still; one that sees fewer cannot be judged."""
     if file is None or file.get("best_value") is None:
         return {"status": "skipped", "message": "no tuned proxy loss to compare with"}
     best = float(file["best_value"])
-    if file.get("steps") != steps:
+    p_steps = file.get("steps")
+    p_batch = file.get("batch_size") or proxy_batch
+    batch = batch or p_batch
+    if not isinstance(p_steps, int) or isinstance(p_steps, bool):
         return {"status": "skipped", "proxy": best,
-                "message": f"the proxy was tuned with {file.get('steps', 'an unknown number of')} steps, "
-                           f"the target ran {steps}: losses are not comparable"}
+                "message": "the hparams file does not say how many steps the proxy was tuned with: "
+                           "losses are not comparable"}
+    if p_steps != steps and not (steps >= p_steps and batch and p_batch and steps * batch >= p_steps * p_batch):
+        return {"status": "skipped", "proxy": best,
+                "message": f"the proxy was tuned with {p_steps} steps, the target ran {steps} (fewer samples): "
+                           "losses are not comparable"}
+    if batch and p_batch and batch < p_batch and p_steps == steps:
+        return {"status": "skipped", "proxy": best,
+                "message": f"the target's batch {batch} is below the proxy's {p_batch}: losses are not comparable"}
     if val_loss is None or not math.isfinite(val_loss):
         return {"status": "skipped", "proxy": best, "message": "no final validation loss"}
     if val_loss > best:
@@ -115,6 +130,29 @@ def transfer_check(val_loss: Optional[float], file: Optional[dict], steps: int) 
                            f"the proxy's {best:.4f} at the same steps (+{val_loss - best:.4f})"}
     return {"status": "ok", "proxy": best, "target": val_loss,
             "message": f"wider is better: validation loss {val_loss:.4f} <= proxy's {best:.4f} ({val_loss - best:+.4f})"}
+
+
+def horizon_of(recipe: Recipe, src: HParamsSource, steps: int, batch: int):
+    """The horizon and batch factors from the run the hparams were tuned on (the file's steps and
+    batch, else the recipe's) to the target's (steps, batch)."""
+    f = src.file or {}
+    p_steps = f.get("steps") if isinstance(f.get("steps"), int) and f.get("steps", 0) > 0 else None
+    p_batch = f.get("batch_size") if isinstance(f.get("batch_size"), int) and f.get("batch_size", 0) > 0 else None
+    measured = f.get("horizon") if isinstance(f.get("horizon"), dict) else None
+    return experiment.horizon_factors(recipe, steps, batch, p_steps, p_batch, measured)
+
+
+def horizon_line(hz) -> str:
+    """One line: what the horizon and batch axes do to the proxy's settings."""
+    p, t = hz.proxy, hz.target
+    if hz.exponent_source == "off":
+        return (f"[bold]horizon[/]: {p.steps} -> {t.steps} steps, batch {p.batch} -> {t.batch}; "
+                "target.rules is off: the proxy's LR, decay and warmup are kept")
+    src = {"measured": "measured on the proxy", "recipe": "from the recipe",
+           "default": "the default; not measured on this proxy (target.measure)"}[hz.exponent_source]
+    return (f"[bold]horizon[/]: {p.steps} -> {t.steps} steps (LR x{hz.horizon_lr:.3g}, exponent {hz.horizon_exponent:.3g}, "
+            f"{src}), batch {p.batch} -> {t.batch} (LR x{hz.batch_lr:.3g}, exponent {hz.batch_exponent:.3g}), "
+            f"weight decay x{hz.weight_decay:.3g}, eps x{hz.eps:.3g}, warmup {p.warmup} -> {hz.warmup} steps")
 
 
 def fingerprint(recipe: Recipe, width: int, src: HParamsSource, world: int, per_rank_batch: int) -> dict:
@@ -168,24 +206,31 @@ def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
         raise UserError("--steps", "must be > 0")
     if o.checkpoint_every < 0:
         raise UserError("--checkpoint-every", "must be >= 0")
-    steps = o.steps or recipe.train.steps
-    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
-        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    if o.batch_size is not None and o.batch_size <= 0:
+        raise UserError("--batch-size", "must be > 0")
+    steps, batch = experiment.target_run(recipe, width, o.steps, o.batch_size)
     device = experiment.resolve_device(o.device)
     d = D.setup(device)
     try:
-        return _run(o, recipe, width, steps, d, console)
+        return _run(o, recipe, width, steps, batch, d, console)
     finally:
         D.teardown()
 
 
-def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, console: Console) -> ScaleResult:
+def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d: D.Dist,
+         console: Console) -> ScaleResult:
     out_console = console if d.main else Console(quiet=True)
     t = recipe.train
-    if t.batch_size % d.world:
-        raise UserError("train.batch_size", f"{t.batch_size} is not divisible by the {d.world} processes")
-    per_rank = t.batch_size // d.world
+    if batch % d.world:
+        where = "--batch-size" if o.batch_size is not None else ("target.batch_size" if batch != t.batch_size
+                                                                  else "train.batch_size")
+        raise UserError(where, f"{batch} is not divisible by the {d.world} processes")
+    per_rank = batch // d.world
     src = resolve_hparams(recipe, o.hparams, o.runs_dir)
+    hz = horizon_of(recipe, src, steps, batch)
+    if hz.warmup >= steps and hz.warmup > 0:
+        raise UserError("--steps", f"{steps} steps: must be above the warmup ({hz.warmup} steps"
+                        + (f", train.warmup {t.warmup} moved by the horizon rule)" if hz.warmup != t.warmup else ")"))
     if src.base_width > width:
         raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
     if o.fsdp and not d.enabled:
@@ -246,6 +291,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         out_console.print(msg, highlight=False, soft_wrap=True)
 
     say(f"[bold]hparams[/]: {src.source}")
+    if not hz.identity:
+        say(horizon_line(hz))
     if o.resume and ckpt is None:
         say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
     if ckpt is not None:
@@ -253,11 +300,11 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
 
     # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
     pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width,
-                          base_depth=src.base_depth)
+                          base_depth=src.base_depth, horizon=hz)
     plan = pm.plan
     model, no_sync = D.wrap(pm.model, d, o.fsdp)
-    optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer, src.hparams,
-                               torch.device(d.device))
+    optimizer = make_optimizer(param_groups(D.unwrap(model), plan), recipe.train.optimizer,
+                               at_horizon(src.hparams, hz), torch.device(d.device))
     n_params = plan.numel
     if ckpt is not None:
         C.restore(ckpt, model, optimizer, data, d)
@@ -267,6 +314,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     # --- the record of the run (rank 0)
     cost = estimate_cost(recipe, plan, width)
     flops_per_sample = cost.flops_per_step / (t.batch_size * t.grad_accum) if cost.flops_per_step else None
+    # (estimate_cost counts a step of train.batch_size samples: per sample it holds at any batch)
     peak = peak_flops(d.device)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -274,7 +322,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         write_text(out / "hparams.yaml", yaml.safe_dump(
             {"written_by": marker("scale run"), "source": src.source, "proxy_width": src.base_width, "width": width,
              "proxy_depth": src.base_depth, "depth": experiment.depth_of(recipe), "optimizer": t.optimizer,
-             "hparams": src.hparams.flat(), "file": src.file}, sort_keys=False))
+             "hparams": src.hparams.flat(), "file": src.file, "horizon": hz.to_json(),
+             "hparams_at_target": at_horizon(src.hparams, hz).flat()}, sort_keys=False))
         write_json(plan, cost, out / "plan.json")
         v = versions()
         v.update({"world_size": d.world, "fsdp": o.fsdp, "compile": o.compile, "device": d.device,
@@ -282,7 +331,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         write_text(out / "versions.json", json.dumps(v, indent=1))
     D.barrier(d)
 
-    cfg = experiment.train_config(recipe, d.device, steps=steps, start_step=start)
+    cfg = experiment.train_config(recipe, d.device, steps=steps, start_step=start, warmup=hz.warmup)
     forward = torch.compile(model) if o.compile else None
     metrics = MetricsFile(out / "metrics.jsonl", src.hparams.lr, flops_per_sample, peak, d.world, start) if d.main else None
     ckpt_cb = C.Checkpointer(ck_dir, o.checkpoint_every, data, d, {"fingerprint": fp})
@@ -297,7 +346,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
     callbacks.append(ckpt_cb)
 
     say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
-        f"{steps} steps, global batch {t.batch_size * t.grad_accum}, device {d.device}"
+        f"{steps} steps, global batch {batch * t.grad_accum}, device {d.device}"
         + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""))
     try:
         state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward,
@@ -317,6 +366,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         "steps": state.step, "steps_planned": steps, "train_loss": state.loss, "val_loss": state.val_loss,
         "samples_per_s": typical.get("samples_per_s", state.samples_per_s),
         "tokens_per_s": typical.get("tokens_per_s"), "mfu": typical.get("mfu"),
+        "batch_size": batch, "horizon": hz.to_json(),
         "hparams": src.source, "out": str(out), "metrics": str(out / "metrics.jsonl"),
         "checkpoints": str(ck_dir), "world_size": d.world, "written_by": marker("scale run"),
     }
@@ -334,7 +384,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, d: D.Dist, con
         code = 130
     else:
         summary["status"] = "finished"
-        summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps)
+        summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps, batch, t.batch_size)
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
     if d.main:

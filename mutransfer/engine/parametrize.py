@@ -18,7 +18,7 @@ from .branches import BranchScale
 from .muon import MuonAdamW
 from ..errors import UserError
 from .hparams import HParams
-from .plan import MUP, Plan, make_plan
+from .plan import at_horizon, MUP, Plan, make_plan
 from .shapes import Shapes, infer_shapes
 
 
@@ -188,18 +188,22 @@ def parametrize(
     depth: Optional[tuple[int, int, float]] = None,
     muon_params: tuple = (),
     with_optimizer: bool = True,
+    horizon=None,
 ) -> Parametrized:
     """Build `factory(width=width, **args)`, initialise it by the spectral rule relative to
     `base_width`, and return it with its optimizer and per-parameter plan. `shapes` may be passed
     when already inferred (infer_shapes for the same factory, args, widths and layouts). `example`, a
     model input, lets width inference trace how parameters of no known module are used.
     `factory_init` (True or globs) keeps the factory's own init at the proxy, transferred by ratio.
-    with_optimizer=False leaves Parametrized.optimizer None (a caller with its own, e.g. batched trials)."""
+    with_optimizer=False leaves Parametrized.optimizer None (a caller with its own, e.g. batched trials).
+    `horizon` (horizon.Factors) moves the optimizer's settings to the target's horizon and batch."""
     hp = hparams or HParams()
     args = args or {}
     if shapes is None:
         shapes = infer_shapes(factory, args, base_width, width, layouts, example=example)
-    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init, depth, tuple(muon_params))
+    plan = make_plan(shapes, hp, optimizer, parametrization, factory_init, depth, tuple(muon_params), horizon)
+    if horizon is not None:
+        hp = at_horizon(hp, horizon)     # the optimizer's own betas / momentum follow the plan's values
     proxy_stds = None
     if any(p.init == "factory" for p in plan.params.values()):
         proxy_stds = factory_stds(factory, base_width, args, seed)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import depth as depth_rule
+from . import horizon as horizon_rule
 from . import spectral
 from ..errors import UserError
 from .hparams import HParams
@@ -57,6 +58,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # residual branch module -> (multiplier on its output, index of the tensor in the output)
     branch_multipliers: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # the horizon and batch axes (horizon.Factors.to_json()): None when the target trains as the proxy
+    horizon: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {
@@ -89,6 +92,7 @@ class Plan:
             "readout_multipliers": dict(self.readout_multipliers),
             "branch_multipliers": {k: v[0] for k, v in self.branch_multipliers.items()},
             "notes": list(self.notes),
+            "horizon": self.horizon,
         }
 
     @property
@@ -126,9 +130,23 @@ def weight_decay(wd: float, global_lr: float, group_lr: float, m: float, optimiz
     return spectral.independent_weight_decay(wd, global_lr, group_lr)
 
 
+def at_horizon(hp: HParams, f: horizon_rule.Factors) -> HParams:
+    """The proxy's global settings moved to the target's horizon and batch (horizon.py): LR (and
+    Muon's AdamW LR) x the horizon and batch factors, decay, eps and betas by their rules. The width
+    and depth rules then apply to these values as to the proxy's."""
+    vals = {"lr": hp.lr * f.lr, "adam_lr": hp.adam_lr * f.lr, "weight_decay": hp.weight_decay * f.weight_decay,
+            "eps": hp.eps * f.eps}
+    if f.beta1 is not None:
+        vals["beta1"] = f.beta1
+    if f.beta2 is not None:
+        vals["beta2"] = f.beta2
+    return hp.with_values(vals)
+
+
 def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str = MUP,
               factory_init: Union[bool, list[str]] = False,
-              depth: Optional[tuple[int, int, float]] = None, muon_params: tuple = ()) -> Plan:
+              depth: Optional[tuple[int, int, float]] = None, muon_params: tuple = (),
+              horizon: Optional[horizon_rule.Factors] = None) -> Plan:
     """The per-parameter plan at shapes.width, relative to shapes.base_width.
 
     factory_init (True, or globs of parameter names): keep the factory's own initialisation at the
@@ -138,7 +156,12 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     elsewhere init std ~ 1/sqrt(fan_in) from the proxy's and LR, eps, weight decay fixed.
 
     depth = (base depth, depth, alpha) applies the depth rule (depth.py) to every parameter inside a
-    residual block of shapes.branches, and puts the branch multiplier on every branch's output."""
+    residual block of shapes.branches, and puts the branch multiplier on every branch's output.
+
+    horizon (horizon.Factors) moves the global settings to the target's horizon and batch first
+    (at_horizon); the per-parameter rules then compose with it by multiplication."""
+    if horizon is not None:
+        hp = at_horizon(hp, horizon)
     if optimizer not in spectral.OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}")
     if parametrization not in (MUP, SP):
@@ -225,4 +248,5 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         mult = depth_rule.branch_multiplier(depth[0], depth[1], depth[2])
         if mult != 1.0:
             branch_mults = {b: (mult, i) for b, i in shapes.branches.modules.items()}
-    return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes, branch_mults)
+    return Plan(shapes.width, shapes.base_width, optimizer, parametrization, out, readout_mults, notes, branch_mults,
+                horizon.to_json() if horizon is not None else None)

@@ -60,13 +60,13 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
 
 
 def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup",
-            base_width: Optional[int] = None, base_depth: Optional[int] = None):
+            base_width: Optional[int] = None, base_depth: Optional[int] = None, horizon=None):
     """The plan `scale` would use at `width` (and the recipe's depth), relative to base_width (default
     widths.proxy) and base_depth (default depths.proxy)."""
     hp = hparams or HParams.from_train(recipe.train)
     shapes = shapes_for(recipe, width, base_width)
     plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init,
-                     depth_rule(recipe, base_depth), tuple(recipe.train.muon_params))
+                     depth_rule(recipe, base_depth), tuple(recipe.train.muon_params), horizon)
     plan.notes.extend(replaced_init_notes(recipe, plan))
     return plan, shapes, estimate_cost(recipe, plan, width)
 
@@ -125,6 +125,17 @@ def _shape(base: tuple, shape: tuple) -> str:
     return f(base) if base == shape else f"{f(base)}→{f(shape)}"
 
 
+def lr_axes(p, hz: dict) -> str:
+    """The factor each axis contributes to one parameter's LR: width (the spectral ratio, relative to the
+    proxy: 1 at the proxy), depth, horizon, batch."""
+    parts = []
+    if p.depth_lr is not None:
+        parts.append(f"d{p.depth_lr:.3g}")
+    parts.append(f"h{hz['horizon_lr']:.3g}")
+    parts.append(f"b{hz['batch_lr']:.3g}")
+    return " ".join(parts)
+
+
 def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console] = None) -> None:
     console = console or make_console()
     t = Table(title=f"spectral plan: width {plan.base_width} → {plan.width} ({plan.optimizer})",
@@ -136,7 +147,9 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
     else:   # narrow terminal: the shape goes under the name, fans share a column
         t.add_column("parameter\nproxy shape→shape", no_wrap=True)
     cols = ("role", "layout", "fan_in", "fan_out", "init std") if wide else ("role\nin→out", "init\nstd")
-    for col in (*cols, "lr", "wd", "eps", "note" if wide else ""):
+    hz = plan.horizon if plan.horizon and plan.horizon.get("exponent_source") != "off" else None
+    axes = ("LR ×axes",) if hz else ()
+    for col in (*cols, "lr", *axes, "wd", "eps", "note" if wide else ""):
         t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
     footnotes: dict[str, int] = {}
     for p in plan.params.values():
@@ -151,7 +164,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
                else [f"{p.role} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
                      + f"\n[dim]{p.fan_in}→{p.fan_out}[/]"])
-        t.add_row(*head, *fan, std, _fmt(p.lr), _fmt(p.weight_decay), _fmt(p.eps), mark)
+        extra = (lr_axes(p, hz),) if hz else ()
+        t.add_row(*head, *fan, std, _fmt(p.lr), *extra, _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
     for note, i in footnotes.items():
         console.print(f"[{i}] {note}", highlight=False)

@@ -16,6 +16,7 @@ from ..engine.hparams import HParams
 from ..models import BUILTIN_MODELS
 from ..engine.outputs import OutputError, check_against_targets, select
 from ..engine.parametrize import Parametrized, parametrize
+from ..engine import horizon as horizon_rule
 from ..engine.plan import MUP
 from .recipe import Recipe, accepts, depth_arg, resolve_factory
 from ..engine.shapes import Shapes, infer_shapes
@@ -159,9 +160,10 @@ def example_input(recipe: Recipe):
 def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device: str = "cpu",
           seed: Optional[int] = None, parametrization: str = MUP, base_width: Optional[int] = None,
           optimizer: Optional[str] = None, base_depth: Optional[int] = None, depth_rule_on: bool = True,
-          with_optimizer: bool = True) -> Parametrized:
+          with_optimizer: bool = True, horizon=None) -> Parametrized:
     """The parametrized model at `width` (and the recipe's current depth) for this recipe, relative to
-    its proxy width (and depth). `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw)."""
+    its proxy width (and depth). `optimizer` overrides recipe.train.optimizer (sgd | adam | adamw).
+    `horizon` (horizon_factors) moves the optimizer's settings to another horizon and batch size."""
     hp = hparams or HParams.from_train(recipe.train)
     base = base_width or recipe.widths.proxy
     return parametrize(
@@ -169,7 +171,7 @@ def build(recipe: Recipe, width: int, hparams: Optional[HParams] = None, device:
         model_args(recipe), recipe.layouts, device, recipe.train.seed if seed is None else seed, parametrization,
         shapes=shapes_for(recipe, width, base), factory_init=recipe.factory_init,
         depth=depth_rule(recipe, base_depth, depth_rule_on), muon_params=tuple(recipe.train.muon_params),
-        with_optimizer=with_optimizer,
+        with_optimizer=with_optimizer, horizon=horizon,
     )
 
 
@@ -271,3 +273,62 @@ def target_problem(y: torch.Tensor, classes: int, loss: str) -> Optional[str]:
     elif not (y.is_floating_point() or y.dtype in (torch.int64, torch.int32)):
         return f"targets have dtype {y.dtype}; mse wants numbers"
     return None
+
+
+# ----------------------------------------------------------------------------------- horizon and batch
+
+def tokens_per_sample(recipe: Recipe) -> int:
+    """Predicted tokens per sample (the targets' elements per batch row): seq_len for a language model."""
+    _, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=2))
+    return max(1, y.numel() // max(1, y.shape[0] if y.dim() else 1))
+
+
+def counted_params(recipe: Recipe, width: int, count: str = "non_embedding") -> int:
+    """The parameters a tokens-per-parameter horizon counts: all, or all but the tables (embeddings,
+    position tables: parameters used by lookup, whose compute does not grow with them)."""
+    ps = shapes_for(recipe, width).params.values()
+    return sum(math.prod(p.shape) for p in ps if count == "all" or p.layout != "embedding")
+
+
+def target_run(recipe: Recipe, width: int, steps: Optional[int] = None, batch: Optional[int] = None,
+               flag_steps: str = "--steps", flag_batch: str = "--batch-size") -> tuple[int, int]:
+    """The target's (steps, batch size): flags over `target:` over the proxy's train section."""
+    t = recipe.target
+    b = batch if batch is not None else (t.batch_size if t is not None and t.batch_size else recipe.train.batch_size)
+    if b <= 0:
+        raise UserError(flag_batch, f"must be > 0, got {b}")
+    if steps is not None:
+        s = steps
+    elif t is not None and t.steps:
+        s = t.steps
+    elif t is not None and t.tokens_per_param:
+        n = counted_params(recipe, width, t.count)
+        s = horizon_rule.steps_for_tokens(t.tokens_per_param, n, b * recipe.train.grad_accum,
+                                          tokens_per_sample(recipe))
+    else:
+        s = recipe.train.steps
+    if s <= 0:
+        raise UserError(flag_steps, f"must be > 0, got {s}")
+    return s, b
+
+
+def horizon_factors(recipe: Recipe, steps: int, batch: int, proxy_steps: Optional[int] = None,
+                    proxy_batch: Optional[int] = None, measured: Optional[dict] = None,
+                    rules_on: Optional[bool] = None) -> horizon_rule.Factors:
+    """The horizon and batch factors from the proxy's run (the hparams file's steps and batch, else
+    the recipe's train section) to (steps, batch). measured: the hparams file's `horizon` section.
+    rules_on overrides target.rules (sweep's control arm)."""
+    t = recipe.target
+    rules = horizon_rule.Rules() if t is None else horizon_rule.Rules(
+        t.horizon_exponent, t.batch_exponent, t.decay, t.warmup, t.eps, t.betas, t.rules)
+    if rules_on is not None:
+        rules = horizon_rule.Rules(**{**rules.__dict__, "enabled": rules_on})
+    m = measured or {}
+    proxy = horizon_rule.Run(proxy_steps or recipe.train.steps, proxy_batch or recipe.train.batch_size,
+                             recipe.train.warmup)
+    return horizon_rule.factors(recipe.train.optimizer, proxy, horizon_rule.Run(steps, batch), rules,
+                                _num(m.get("exponent")), _num(m.get("batch_exponent")), tuple(recipe.train.betas))
+
+
+def _num(x) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None

@@ -189,6 +189,47 @@ class Train(_Strict):
         return self
 
 
+class Measure(_Strict):
+    """`tune` measures the horizon (and batch) exponent on the proxy after its search (horizon_fit)."""
+    horizons: Optional[list[int]] = None       # steps; default train.steps x (1, 2, 4)
+    batch_sizes: Optional[list[int]] = None    # default: none (the batch exponent from the rule)
+    points: int = Field(default=6, ge=4, le=16)           # LRs per horizon, half an octave apart
+    seeds: int = Field(default=2, ge=1, le=16)
+
+    @field_validator("horizons", "batch_sizes")
+    @classmethod
+    def _ladder(cls, v):
+        if v is not None:
+            if len(set(v)) < 2:
+                raise ValueError(f"needs at least 2 different values to fit an exponent, got {v}")
+            if any(x <= 0 for x in v):
+                raise ValueError(f"values must be > 0, got {v}")
+        return v
+
+
+class Target(_Strict):
+    """How the target trains when that differs from the proxy (engine/horizon.py): its horizon (steps,
+    or tokens per parameter) and batch size, and which rule moves LR, decay, warmup, eps and betas."""
+    steps: Optional[int] = Field(default=None, gt=0, le=10**9)
+    tokens_per_param: Optional[float] = Field(default=None, gt=0, le=1e6)
+    count: Literal["non_embedding", "all"] = "non_embedding"   # which parameters tokens_per_param counts
+    batch_size: Optional[int] = Field(default=None, gt=0, le=10**8)
+    rules: bool = True                                        # false: keep the proxy's settings (no rule)
+    horizon_exponent: Optional[float] = Field(default=None, ge=-2, le=2)   # gamma; default: measured, else 0.32
+    batch_exponent: Optional[float] = Field(default=None, ge=-2, le=2)     # beta at fixed steps
+    decay: Literal["tau", "fixed"] = "tau"
+    warmup: Literal["fraction", "fixed"] = "fraction"
+    eps: Literal["sqrt", "fixed"] = "sqrt"
+    betas: Literal["keep", "half_life"] = "keep"
+    measure: Optional[Measure] = None
+
+    @model_validator(mode="after")
+    def _one_horizon(self) -> "Target":
+        if self.steps is not None and self.tokens_per_param is not None:
+            raise ValueError("give steps or tokens_per_param, not both")
+        return self
+
+
 class Range(_Strict):
     low: Optional[float] = None
     high: Optional[float] = None
@@ -307,6 +348,8 @@ class Recipe(_Strict):
     # keep the factory's own init at the proxy (true, or globs of parameter names), transferred to
     # other widths by the rule's ratio, instead of the rule's formula (plan.make_plan)
     factory_init: Union[bool, list[str]] = False
+    # the target's horizon and batch, and the rules that move LR, decay and warmup to them (horizon.py)
+    target: Optional[Target] = None
     search: Search = Field(default_factory=Search)
     coord_check: CoordCheck = Field(default_factory=CoordCheck)
     sweep: Sweep = Field(default_factory=Sweep)
