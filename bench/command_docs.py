@@ -40,9 +40,10 @@ def _cell(text: str) -> str:
 def _default(p) -> str:
     if getattr(p, "is_flag", False):
         return "off (a switch)"
-    if p.default is None or p.default == [] or p.default == ():
+    d = p.default
+    if d is None or d == [] or d == ():
         return ""
-    return f"`{p.default}`"
+    return f"`{getattr(d, 'value', d)}`"                     # an Enum member shows its value, as --help does
 
 
 def table(name: str, cmd) -> str:
