@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What was run on the lent H100 for the README's GPU numbers (one call; logs under $OUT or ./gpu-out).
+# What was run on the lent H100 for the GPU numbers of docs/results.md (one call; logs under $OUT or ./gpu-out).
 # 1) the CUDA path on the quick-start (bf16 autocast, TF32, fused AdamW, --compile), 2) MFU of the
 # width-2048 GPT (bench/gpt-2048.yaml) with --compile, 3) the muP overhead bench on the GPU.
 set -uo pipefail

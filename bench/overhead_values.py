@@ -1,7 +1,7 @@
 """Where the eager 607M muP/plain gap comes from: forward+backward time of the muP and the plain
 GPT-2048 with their own weights, with identical weights, and after 20 training steps each (own LRs),
 then with the plain-trained weights copied into the muP model. CUDA only; run from the repo root:
-`python bench/overhead_values.py` (results in the README's scale section)."""
+`python bench/overhead_values.py` (results in docs/results.md)."""
 import sys
 from pathlib import Path
 

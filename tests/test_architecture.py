@@ -1,4 +1,4 @@
-"""The package's layers (README "The code"): each module imports only from its own layer or the ones
+"""The package's layers (docs/code.md): each module imports only from its own layer or the ones
 below it, and no module imports another that (directly or not) imports it back. Read from the source
 text (every `from .x import` / `from ..x import`, including those inside functions)."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """coord-check: the pure verdict rules, the probe, the built-in recipes (muP passes, SP is flagged),
-width-dependent defects flagged with the README's settings while correct unusual models pass, and
+width-dependent defects flagged with the settings of docs/coord-check.md while correct unusual models pass, and
 the command's exit codes and files."""
 import json
 import math
@@ -23,7 +23,7 @@ from mutransfer.run.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))   # coord_models, for "coord_models:NAME" factories
 
-# The README's recommended settings for a check that must catch defects which only show once the
+# The recommended settings (docs/coord-check.md, "Choosing --steps and --lr") for a check that must catch defects which only show once the
 # features have moved: a 4-width doubling ladder from 64, 10 steps, 10x the recipe's tuned LR, 2 seeds.
 WIDTHS, STEPS, SEEDS, LR_FACTOR = [64, 128, 256, 512], 10, 2, 10.0
 

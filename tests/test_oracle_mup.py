@@ -132,7 +132,7 @@ def ours_effective(factory, width, optimizer, **kw):
 
 # ------------------------------------------------------------------------------------- rule by hand
 def hand_rule(name, optimizer, head_fan_out, readout):
-    """wide/proxy ratios (init std, LR) for a parameter, from the table in the README, by hand."""
+    """wide/proxy ratios (init std, LR) for a parameter, from the table in docs/rule.md, by hand."""
     if name.startswith(readout) and name.endswith("bias"):
         return None, 1.0                                          # fixed: nothing grows
     if name.endswith("bias") or ".ln" in name or name.startswith("ln"):

@@ -39,7 +39,7 @@ from .recipe import Recipe
 from ..engine.spectral import OPTIMIZERS
 
 STATS = ("act", "update")
-# Thresholds on the log-log slope (value ~ width^slope), chosen from measurements (README, coord-check):
+# Thresholds on the log-log slope (value ~ width^slope), chosen from measurements (docs/coord-check.md):
 # the steepest slope of a correct muP model was +0.21 (most <= +0.10); the mildest defect measured
 # (1/sqrt(d_head) attention, at 10x the tuned LR) +0.36 to +0.47; SP under AdamW +0.68.
 BLOWUP_SLOPE = 0.3
@@ -102,7 +102,7 @@ def check_widths(ws: list[int], where: str) -> list[int]:
 def resolve(recipe: Recipe, widths: Optional[list[int]] = None, steps: Optional[int] = None,
             seeds: Optional[int] = None, lr: Optional[float] = None, optimizer: Optional[str] = None,
             parametrization: str = MUP, device: str = "cpu") -> Settings:
-    """Flags, then the recipe's coord_check section, then defaults (README)."""
+    """Flags, then the recipe's coord_check section, then defaults (docs/commands.md, coord-check)."""
     cc = recipe.coord_check
     ws = check_widths(list(widths), "--widths") if widths is not None else (
         check_widths(list(cc.widths), "coord_check.widths") if cc.widths else default_widths(recipe.widths.proxy))
