@@ -205,13 +205,20 @@ def sweep(
     plot: Optional[Path] = typer.Option(None, help="write a PNG, one panel per parametrization"),
     log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): grid points there too"),
     depths: Optional[str] = typer.Option(None, help="comma-separated depths: sweep LR x depth at a fixed width"),
-    width: Optional[int] = typer.Option(None, help="with --depths: the fixed width (default widths.proxy)"),
+    width: Optional[int] = typer.Option(None, help="with --depths, --horizons or --batch-sizes: the fixed width "
+                                        "(default widths.proxy)"),
+    horizons: Optional[str] = typer.Option(None, help="comma-separated steps: sweep LR x horizon at a fixed width, "
+                                           "the horizon rule against none (--steps is the proxy's horizon)"),
+    batch_sizes: Optional[str] = typer.Option(None, help="comma-separated batch sizes: sweep LR x batch size, the "
+                                              "batch rule against none (--batch-size is the proxy's)"),
+    equal: Optional[str] = typer.Option(None, help="with --batch-sizes: steps (default) or samples held equal"),
 ):
     """Loss against LR at several widths, muP and SP: does the optimum stay put? (cached per point)"""
     from .commands.sweep import sweep_command
 
     code = sweep_command(recipe, widths, lrs, lr_range, param, parametrization, seeds, steps, batch_size,
-                         workers, device, json_path, plot, log=tuple(log), depths=depths, width=width)
+                         workers, device, json_path, plot, log=tuple(log), depths=depths, width=width,
+                         horizons=horizons, batch_sizes=batch_sizes, equal=equal)
     if code:
         raise typer.Exit(code)
 

@@ -38,6 +38,19 @@ PARAMETRIZATIONS = ("mup", "sp")
 # tunables a sweep can vary: positive numbers, so a log2 axis makes sense
 SWEEPABLE = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
 LABEL = {"mup": "μP", "sp": "SP"}
+# what the two arms are called on each axis: the rule under test, and the control without it
+ARMS = {"width": LABEL, "depth": {"mup": "depth rule", "sp": "no depth rule"},
+        "horizon": {"mup": "horizon rule", "sp": "no horizon rule"},
+        "batch": {"mup": "batch rule", "sp": "no batch rule"}}
+# the name of the "bigger is better" check along each axis (summary JSON key)
+BETTER = {"width": "wider_is_better", "depth": "deeper_is_better", "horizon": "longer_is_better",
+          "batch": "larger_batch_is_better"}
+# equal samples: a bigger batch may cost a little (past the critical batch it must); "not worse" allows this
+EQUAL_SAMPLES_TOL = 0.005
+
+
+def arm(cfg: "SweepConfig", par: str) -> str:
+    return ARMS[cfg.axis][par]
 
 
 @dataclass(frozen=True)
@@ -66,10 +79,37 @@ class SweepConfig:
     # depth sweep (`--depths`): `widths` holds the depths and every model has this width; "mup" is the
     # depth rule, "sp" the same model with every depth multiplier 1 (the width rule stays)
     depth_width: Optional[int] = None
+    # horizon sweep (`--horizons`): `widths` holds the steps; batch sweep (`--batch-sizes`): the batch
+    # sizes, at equal steps or equal samples (`equal`). Every model has `fixed_width`; "mup" is the
+    # horizon and batch rule (engine/horizon.py), "sp" the proxy's settings kept (no rule)
+    along: Optional[str] = None          # "horizon" | "batch"
+    fixed_width: Optional[int] = None
+    equal: str = "steps"                 # batch sweeps: "steps" or "samples" (steps x batch fixed)
+    # exponents `tune` measured (hparams file `horizon:` section) as sorted (key, value) pairs
+    measured: tuple = ()
 
     @property
     def axis(self) -> str:
-        return "depth" if self.depth_width else "width"
+        return "depth" if self.depth_width else (self.along or "width")
+
+    @property
+    def reference(self) -> Optional[int]:
+        """The axis value at which both arms are the same model: the proxy's (None for width/depth)."""
+        return None if self.along is None else (self.steps if self.along == "horizon" else self.batch_size)
+
+    def run_of(self, value: int) -> tuple[int, int]:
+        """(steps, batch) of a point at axis value `value`."""
+        if self.along == "horizon":
+            return value, self.batch_size
+        if self.along == "batch":
+            steps = self.steps if self.equal == "steps" else max(1, round(self.steps * self.batch_size / value))
+            return steps, value
+        return self.steps, self.batch_size
+
+    def last_of(self, value: int) -> int:
+        """Steps averaged for a point's loss: average_last, or 10% of a horizon/batch point's own run."""
+        steps = self.run_of(value)[0]
+        return min(steps, self.average_last if self.along is None else max(5, steps // 10))
 
     def points(self) -> list[Point]:
         return [Point(p, w, v, s) for p in self.parametrizations for w in self.widths
@@ -122,10 +162,14 @@ def default_values(center: float, octaves: int = 5) -> list[float]:
 def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Optional[list[float]] = None,
                 param: Optional[str] = None, parametrization: Optional[str] = None, seeds: Optional[int] = None,
                 steps: Optional[int] = None, batch_size: Optional[int] = None, depths: Optional[list[int]] = None,
-                width: Optional[int] = None) -> SweepConfig:
+                width: Optional[int] = None, horizons: Optional[list[int]] = None,
+                batch_sizes: Optional[list[int]] = None, equal: Optional[str] = None) -> SweepConfig:
     """Flags over the recipe's `sweep:` section over defaults; every value checked (UserError).
     With `depths`, the sweep runs over depths at the fixed `width` (default widths.proxy)."""
     s = recipe.sweep
+    if horizons is not None or batch_sizes is not None:
+        return _horizon_config(recipe, widths, values, param, parametrization, seeds, steps, batch_size, depths,
+                               width, horizons, batch_sizes, equal)
     if depths is not None:
         if widths is not None:
             raise UserError("--depths", "give --depths or --widths, not both")
@@ -179,6 +223,40 @@ def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Opti
     return SweepConfig(param, tuple(values), tuple(ws), pars, seeds, steps, bs, last, s.divergence_factor)
 
 
+def _horizon_config(recipe: Recipe, widths, values, param, parametrization, seeds, steps, batch_size, depths,
+                    width, horizons, batch_sizes, equal) -> SweepConfig:
+    """--horizons (steps) or --batch-sizes at one width: the horizon and batch rule against none."""
+    flag = "--horizons" if horizons is not None else "--batch-sizes"
+    for other, name in ((widths, "--widths"), (depths, "--depths"), (horizons if batch_sizes is not None else None,
+                                                                     "--horizons")):
+        if other is not None:
+            raise UserError(flag, f"give one axis: {flag} or {name}, not both")
+    ladder = horizons if horizons is not None else batch_sizes
+    if any(v < 1 for v in ladder):
+        raise UserError(flag, f"values must be >= 1, got {','.join(map(str, ladder))}")
+    if len(set(ladder)) < 2:
+        raise UserError(flag, "needs at least 2 different values")
+    eq = equal or "steps"
+    if eq not in ("steps", "samples"):
+        raise UserError("--equal", f"expected steps or samples, got {eq!r}")
+    if equal is not None and batch_sizes is None:
+        raise UserError("--equal", "applies to batch sweeps (--batch-sizes) only")
+    fixed = width if width is not None else recipe.widths.proxy
+    if fixed < 1:
+        raise UserError("--width", f"must be >= 1, got {fixed}")
+    base = make_config(recipe, [fixed], values, param, parametrization, seeds, steps, batch_size)
+    if horizons is not None and any(h <= recipe.train.warmup for h in ladder):
+        pass   # the rule moves warmup with the horizon; the no-rule arm's fixed warmup is checked below
+    cfg = SweepConfig(**{**base.__dict__, "widths": tuple(sorted(set(int(v) for v in ladder))),
+                         "along": "horizon" if horizons is not None else "batch", "fixed_width": fixed, "equal": eq})
+    for v in cfg.widths:
+        st, _ = cfg.run_of(v)
+        if recipe.train.warmup and st <= recipe.train.warmup and "sp" in cfg.parametrizations:
+            raise UserError(flag, f"{v}: {st} steps do not exceed train.warmup ({recipe.train.warmup}), which the "
+                                  "no-rule arm keeps")
+    return cfg
+
+
 def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
     """Everything that changes a point's result besides the point itself."""
     d = recipe_to_dict(recipe)
@@ -189,6 +267,10 @@ def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
                       "average_last": cfg.average_last, "divergence_factor": cfg.divergence_factor}
     if cfg.depth_width:
         d["sweep_run"]["depth_width"] = cfg.depth_width
+    if cfg.along:
+        d["sweep_run"].update({"along": cfg.along, "fixed_width": cfg.fixed_width, "equal": cfg.equal,
+                               "measured": [list(m) for m in cfg.measured]})
+        d["sweep_run"].pop("average_last")      # per point: 10% of its own run
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -213,18 +295,27 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
     hp = HParams.from_train(recipe.train).with_values({cfg.param: point.value})
     seed = recipe.train.seed + point.seed
     t0 = time.perf_counter()
+    steps, batch = cfg.run_of(point.width)
+    over: dict[str, Any] = {}
     if cfg.depth_width:      # a depth sweep: point.width is the depth; "sp" turns the depth rule off
         from ..run.experiment import at_depth
         recipe = at_depth(recipe, point.width)
         pm = build(recipe, cfg.depth_width, hp, device=device, seed=seed, depth_rule_on=point.parametrization == "mup")
+    elif cfg.along:          # a horizon / batch sweep: point.width is the steps / batch; "sp": no rule
+        from ..run.experiment import horizon_factors
+        hz = horizon_factors(recipe, steps, batch, cfg.steps, cfg.batch_size,
+                             measured=dict(cfg.measured), rules_on=point.parametrization == "mup")
+        pm = build(recipe, cfg.fixed_width, hp, device=device, seed=seed, horizon=hz)
+        over["warmup"] = hz.warmup
     else:
         pm = build(recipe, point.width, hp, device=device, seed=seed, parametrization=point.parametrization)
-    data = data_stream(recipe, "train", seed, batch_size=cfg.batch_size)
-    tail = _Tail(cfg.average_last)
-    state = train(pm.model, pm.optimizer, data, train_config(recipe, device, steps=cfg.steps,
-                  divergence_factor=cfg.divergence_factor), callbacks=[tail])
+    data = data_stream(recipe, "train", seed, batch_size=batch)
+    last = cfg.last_of(point.width)
+    tail = _Tail(last)
+    state = train(pm.model, pm.optimizer, data, train_config(recipe, device, steps=steps,
+                  divergence_factor=cfg.divergence_factor, **over), callbacks=[tail])
     vals = list(tail.losses)
-    ok = not state.diverged and len(vals) == cfg.average_last and all(math.isfinite(v) for v in vals)
+    ok = not state.diverged and len(vals) == last and all(math.isfinite(v) for v in vals)
     return {
         "parametrization": point.parametrization, "width": point.width, "param": cfg.param,
         "value": point.value, "seed": point.seed,
@@ -233,6 +324,21 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
         "first_loss": state.first_loss, "steps_done": state.step,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def measured_horizon(recipe: Recipe, runs_dir: Path) -> tuple:
+    """The exponents `tune` measured for this recipe (runs/<name>/hparams.yaml `horizon:`), as sorted
+    (key, value) pairs; () when there are none."""
+    from ..run.hparams_file import default_path, read_hparams_file
+
+    p = default_path(recipe.name, runs_dir)
+    if not p.is_file():
+        return ()
+    h = read_hparams_file(p).get("horizon")
+    if not isinstance(h, dict):
+        return ()
+    return tuple(sorted((k, float(v)) for k, v in h.items() if k in ("exponent", "batch_exponent")
+                        and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -304,7 +410,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
             todo.append(p)
     # the SP control is the very same model as muP at the proxy width: train it once, record it twice
     grid = set(cfg.points())
-    same = recipe.depths.proxy if cfg.depth_width else recipe.widths.proxy
+    same = cfg.reference if cfg.along else recipe.depths.proxy if cfg.depth_width else recipe.widths.proxy
     twins = {p: Point("mup", p.width, p.value, p.seed) for p in todo
              if p.parametrization == "sp" and p.width == same}
     twins = {p: t for p, t in twins.items() if t in grid}
@@ -380,14 +486,27 @@ def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
             out["wider_is_better"][par] = None
         else:
             pairs = [(w, c[j]) for w, c in zip(cfg.widths, curves)]
-            ok, bad = wider_is_better(pairs)
+            tol = EQUAL_SAMPLES_TOL if cfg.along == "batch" and cfg.equal == "samples" else 0.0
+            ok, bad = wider_is_better(pairs, tol)
             out["wider_is_better"][par] = {"value": cfg.values[j], "ok": ok, "losses": {str(w): y for w, y in pairs},
                                            "violations": [list(b) for b in bad]}
+        if cfg.along:        # the transferred setting's cost at each horizon / batch, in % of that one's best
+            from ..report.horizon_fit import transfer_gap
+            ref = curves[list(cfg.widths).index(cfg.reference)] if cfg.reference in cfg.widths else curves[0]
+            out.setdefault("transfer_gap_pct", {})[par] = {
+                str(w): (None if g is None else 100 * g) for w, g in
+                ((w, transfer_gap(xs, ref, c)) for w, c in zip(cfg.widths, curves))}
     out["verdict"] = verdict(out, cfg)
     out["axis"] = cfg.axis
     if cfg.depth_width:      # the same check, named for depth (losses keyed by depth)
         out["deeper_is_better"] = out["wider_is_better"]
         out["width"] = cfg.depth_width
+    if cfg.along:
+        key = BETTER[cfg.axis] if cfg.equal == "steps" or cfg.along != "batch" else "larger_batch_not_worse"
+        out[key] = out["wider_is_better"]
+        out["width"] = cfg.fixed_width
+        out["equal"] = cfg.equal if cfg.along == "batch" else None
+        out["reference"] = cfg.reference
     return out
 
 
@@ -402,7 +521,7 @@ def verdict(summary: dict, cfg: SweepConfig) -> str:
         parts.append((par, txt))
     what = "" if cfg.param == "lr" else f" of {cfg.param}"
     head, *rest = parts
-    label = (lambda p: {"mup": "depth rule", "sp": "no depth rule"}[p]) if cfg.depth_width else (lambda p: LABEL[p])
+    label = lambda p: arm(cfg, p)  # noqa: E731
     s = f"{label(head[0])} optimum{what} drift {head[1]} across {cfg.axis} {span}"
     for par, txt in rest:
         s += f"; {label(par)} {txt}"
@@ -414,8 +533,9 @@ def wider_line(summary: dict, cfg: SweepConfig, par: str) -> str:
     if w is None:
         return f"{LABEL[par]}: no {cfg.param} value finished at every width; wider-is-better not checked"
     losses = ", ".join(f"{k}: {v:.4f}" for k, v in w["losses"].items())
-    word = "deeper" if cfg.depth_width else "wider"
-    name = ({"mup": "depth rule", "sp": "no depth rule"}[par]) if cfg.depth_width else LABEL[par]
+    word = {"width": "wider", "depth": "deeper", "horizon": "longer",
+            "batch": "a larger batch" if cfg.equal == "steps" else "a larger batch (equal samples, 0.5% allowed)"}[cfg.axis]
+    name = arm(cfg, par)
     if w["ok"]:
         return f"{name}: {word} is better at the shared optimum {cfg.param}={w['value']:.3g} ({losses})"
     bad = ", ".join(f"{a}→{b}" for a, b in w["violations"])
@@ -439,7 +559,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     from ..run.experiment import check_fits, check_recipe, shapes_for
 
     check_recipe(recipe)
-    for w in cfg.widths:  # bad widths (depths) are input errors, found before any training
+    for w in ([cfg.fixed_width] if cfg.along else cfg.widths):  # bad widths (depths): input errors, before training
         if cfg.depth_width:
             from ..run.experiment import at_depth
             rd = at_depth(recipe, w)
@@ -453,10 +573,11 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     results = run_grid(recipe, cfg, cache, workers, device, progress)
     summary = summarize(results, cfg)
     summary.update({"steps": cfg.steps, "batch_size": cfg.batch_size, "seeds": cfg.seeds,
-                    "loss": f"training loss averaged over the last {cfg.average_last} steps",
+                    "loss": (f"training loss averaged over the last {cfg.average_last} steps" if not cfg.along else
+                             "training loss averaged over the last 10% of each run's steps (at least 5)"),
                     "widths": list(cfg.widths)})
 
-    table = Table(title=(f"width {cfg.depth_width}, " if cfg.depth_width else "") + f"sweep of {cfg.param}: {recipe.name}, {cfg.steps} steps, batch {cfg.batch_size}, "
+    table = Table(title=(f"width {cfg.depth_width or cfg.fixed_width}, " if cfg.depth_width or cfg.fixed_width else "") + f"sweep of {cfg.param}: {recipe.name}, {cfg.steps} steps, batch {cfg.batch_size}, "
                         f"{cfg.seeds} seed(s)")
     table.add_column("param.")
     table.add_column(cfg.axis, justify="right")
@@ -469,13 +590,19 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
         for w, d in per_w.items():
             fin = [y for y in d["losses"] if y is not None]
             b = d[best_key]
-            table.add_row(({"mup": "depth rule", "sp": "no depth rule"}[par] if cfg.depth_width else LABEL[par]), w, "-" if b is None else f"{2 ** b:.3g}" + (" (edge)" if d["at_edge"] else ""),
+            table.add_row(arm(cfg, par), w, "-" if b is None else f"{2 ** b:.3g}" + (" (edge)" if d["at_edge"] else ""),
                           "-" if b is None else f"{b:.2f}", f"{min(fin):.4f}" if fin else "-",
                           f"{len(d['losses']) - len(fin)}/{len(d['losses'])}")
     console.print(table)
     console.print(summary["verdict"], highlight=False)
     for par in cfg.parametrizations:
         console.print(wider_line(summary, cfg, par), highlight=False)
+    if cfg.along:
+        top = str(max(cfg.widths))
+        gaps = "; ".join(f"{arm(cfg, par)} " + ("n/a" if g.get(top) is None else f"{g[top]:+.2f}%")
+                         for par, g in summary.get("transfer_gap_pct", {}).items())
+        console.print(f"loss at {cfg.axis} {top} with the {cfg.param} transferred from {cfg.reference}, over that "
+                      f"{cfg.axis}'s best: {gaps}", highlight=False)
 
     if json_path:
         write_json_atomic(Path(json_path), {"written_by": marker("sweep results"), **summary})
@@ -501,7 +628,8 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
                   seeds: Optional[int] = None, steps: Optional[int] = None, batch_size: Optional[int] = None,
                   workers: int = 1, device: str = "cpu", json_path: Optional[Path] = None,
                   plot_path: Optional[Path] = None, runs_dir: Path = Path("runs"), log: tuple = (),
-                  depths: Optional[str] = None, width: Optional[int] = None) -> int:
+                  depths: Optional[str] = None, width: Optional[int] = None, horizons: Optional[str] = None,
+                  batch_sizes: Optional[str] = None, equal: Optional[str] = None) -> int:
     """The CLI's one call: parse the flag strings, build the config, sweep. Returns the exit code."""
     from ..run.experiment import resolve_device
     from ..run.recipe import load_recipe
@@ -512,7 +640,11 @@ def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional
     values = parse_list(lrs, "--lrs") if lrs else parse_range(lr_range) if lr_range else None
     ws = parse_list(widths, "--widths", int) if widths else None
     ds = parse_list(depths, "--depths", int) if depths else None
-    cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size, ds, width)
+    hs = parse_list(horizons, "--horizons", int) if horizons else None
+    bs = parse_list(batch_sizes, "--batch-sizes", int) if batch_sizes else None
+    cfg = make_config(recipe, ws, values, param, parametrization, seeds, steps, batch_size, ds, width, hs, bs, equal)
+    if cfg.along:
+        cfg = SweepConfig(**{**cfg.__dict__, "measured": measured_horizon(recipe, Path(runs_dir))})
     kinds = check_kinds(list(log))
     summary, code = sweep(recipe, cfg, workers, runs_dir, resolve_device(device), json_path, plot_path)
     if kinds:
