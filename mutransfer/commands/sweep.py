@@ -286,6 +286,22 @@ class _Tail:
         self.losses.append(state.loss)
 
 
+class _Curve:
+    """Callback: the training loss in `points` equal chunks of the run (chunk means): the curve's shape,
+    which tells a run still in its initial descent (horizon_fit.is_early)."""
+
+    def __init__(self, steps: int, points: int = 40):
+        self.size = max(1, steps // points)
+        self.means: list = []
+        self._acc: list = []
+
+    def on_step(self, state) -> None:
+        self._acc.append(state.loss)
+        if len(self._acc) == self.size:
+            self.means.append(sum(self._acc) / self.size)
+            self._acc = []
+
+
 def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu") -> dict:
     """Train one grid point through the shared loop and return its record (loss None if diverged)."""
     from ..run.experiment import build, data_stream, train_config
@@ -311,9 +327,9 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
         pm = build(recipe, point.width, hp, device=device, seed=seed, parametrization=point.parametrization)
     data = data_stream(recipe, "train", seed, batch_size=batch)
     last = cfg.last_of(point.width)
-    tail = _Tail(last)
+    tail, curve = _Tail(last), _Curve(steps)
     state = train(pm.model, pm.optimizer, data, train_config(recipe, device, steps=steps,
-                  divergence_factor=cfg.divergence_factor, **over), callbacks=[tail])
+                  divergence_factor=cfg.divergence_factor, **over), callbacks=[tail, curve])
     vals = list(tail.losses)
     ok = not state.diverged and len(vals) == last and all(math.isfinite(v) for v in vals)
     return {
@@ -322,6 +338,7 @@ def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu
         "loss": sum(vals) / len(vals) if ok else None,
         "diverged": not ok, "reason": state.reason if not ok else "",
         "first_loss": state.first_loss, "steps_done": state.step,
+        "curve": [round(y, 5) if math.isfinite(y) else None for y in curve.means],
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -543,14 +543,35 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
     out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
                              optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
                              study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
-                             extra={"trials": finished, **({"proxy_depth": opts.depth} if opts.depth else {})})
+                             extra={"trials": finished, "batch_size": recipe.train.batch_size,
+                                    **({"proxy_depth": opts.depth} if opts.depth else {})})
     console.print(f"best trial #{best.number}: val loss {best.value:.4f} with "
                   + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}", highlight=False)
+    if recipe.target is not None and recipe.target.measure is not None and not interrupted:
+        measure_horizon(opts, recipe, best, finished, study, console)
     if opts.plot:
         from ..report.tune_plot import plot_study
 
         console.print(f"plot -> {plot_study(study, opts.plot)}", highlight=False)
     return 0
+
+
+def measure_horizon(opts: TuneOptions, recipe: Recipe, best, finished: int, study: optuna.Study,
+                    console: Console) -> None:
+    """target.measure: the horizon (and batch) exponent on the proxy around the best trial, into the
+    hparams file's `horizon:` section with its cost beside the search's (horizon_measure.py)."""
+    from .horizon_measure import measure
+
+    h = measure(recipe, best.params, Path(opts.out).parent, device=opts.device,
+                say=lambda m: console.print(m, highlight=False))
+    search_s = sum(t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None)
+    h["search_seconds"] = round(search_s, 1)
+    console.print(f"measurement cost {h['seconds']:.0f} s, the search's {search_s:.0f} s (trial time)", highlight=False)
+    write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
+                       optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
+                       study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
+                       extra={"trials": finished, "batch_size": recipe.train.batch_size,
+                              **({"proxy_depth": opts.depth} if opts.depth else {}), "horizon": h})
 
 
 def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -> int:
