@@ -562,7 +562,7 @@ def measure_horizon(opts: TuneOptions, recipe: Recipe, best, finished: int, stud
     hparams file's `horizon:` section with its cost beside the search's (horizon_measure.py)."""
     from .horizon_measure import measure
 
-    h = measure(recipe, best.params, Path(opts.out).parent, device=opts.device,
+    h = measure(recipe, best.params, Path(opts.out).parent, workers=opts.workers, device=opts.device,
                 say=lambda m: console.print(m, highlight=False))
     search_s = sum(t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None)
     h["search_seconds"] = round(search_s, 1)
