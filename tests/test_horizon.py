@@ -243,3 +243,25 @@ def test_sweep_batch_sizes_equal_samples(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     d = json.loads((tmp_path / "b.json").read_text())
     assert d["axis"] == "batch" and d["equal"] == "samples" and "larger_batch_not_worse" in d
+
+
+def test_tune_measures_the_exponent_and_scale_uses_it(tmp_path, monkeypatch):
+    """target.measure: tune writes a horizon: section (or says why not) with its cost; scale's factors
+    then come from it ("measured"), unless the fit was refused."""
+    monkeypatch.chdir(tmp_path)
+    rec = {**TINY, "target": {"steps": 24, "measure": {"horizons": [12, 24], "points": 4, "seeds": 1}},
+           "search": {"trials": 2, "params": {"lr": {"low": 0.005, "high": 0.02, "log": True}}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    res = CliRunner().invoke(app, ["tune", "r.yaml"])
+    assert res.exit_code == 0, res.output
+    assert "measurement cost" in res.output
+    hp = yaml.safe_load((tmp_path / "runs" / "tiny-h" / "hparams.yaml").read_text())
+    h = hp["horizon"]
+    assert hp["batch_size"] == 8 and h["seconds"] > 0 and h["search_seconds"] > 0
+    assert set(h["horizon_fit"]["optima"]) <= {"12", "24"}
+    dry = CliRunner().invoke(app, ["scale", "r.yaml", "--dry-run", "--width", "16"])
+    assert dry.exit_code == 0, dry.output
+    if "exponent" in h:
+        assert "measured on the proxy" in dry.output
+    else:
+        assert h["horizon_fit"]["reason"] and "the default" in dry.output
