@@ -263,6 +263,9 @@ def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
     for k in ("name", "search", "coord_check", "sweep"):
         d.pop(k, None)
     d["widths"].pop("target", None)
+    if d.get("target"):     # the target's own run and the measurement plan change no point's result
+        for k in ("steps", "tokens_per_param", "count", "batch_size", "measure"):
+            d["target"].pop(k, None)
     d["sweep_run"] = {"param": cfg.param, "steps": cfg.steps, "batch_size": cfg.batch_size,
                       "average_last": cfg.average_last, "divergence_factor": cfg.divergence_factor}
     if cfg.depth_width:
