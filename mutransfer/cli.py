@@ -162,6 +162,36 @@ def scale(
         raise typer.Exit(res.exit_code)
 
 
+@app.command()
+@handle_errors
+def predict(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    hparams: Optional[Path] = typer.Option(None, help="tuned hparams file; the prediction is written into it "
+                                                      "(default runs/<name>/hparams.yaml)"),
+    widths: Optional[str] = typer.Option(None, help="the ladder, comma-separated, e.g. 64,128,256 (default: "
+                                                    "halvings of the target within --budget)"),
+    width: Optional[str] = typer.Option(None, help="target width(s), comma-separated (default: widths.target)"),
+    seeds: int = typer.Option(2, help="seeds per ladder width"),
+    fit_on: str = typer.Option("params", help="the fit's variable: params | compute | width"),
+    budget: float = typer.Option(0.2, help="default ladder: at most this fraction of the target run's compute"),
+    rungs: int = typer.Option(3, help="default ladder: this many widths (>= 3)"),
+    steps: Optional[int] = typer.Option(None, help="training steps, ladder and target (default: train.steps)"),
+    level: float = typer.Option(0.95, help="the interval's coverage"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    plot: Optional[Path] = typer.Option(None, help="PNG (default runs/<name>/predict/prediction.png)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the prediction as JSON"),
+    depth: Optional[int] = typer.Option(None, help="target depth (recipes with depths:; default depths.target)"),
+):
+    """Predict the target's validation loss from a ladder of narrower widths (E + A·x^-α, with an interval)."""
+    from .commands.predict import PredictOptions, run_predict
+
+    res = run_predict(PredictOptions(str(recipe), str(hparams) if hparams else None, widths, width, seeds, fit_on,
+                                     budget, rungs, steps, level, device, str(plot) if plot else None,
+                                     str(json_path) if json_path else None, depth=depth))
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
+
+
 @app.command("coord-check")
 @handle_errors
 def coord_check(

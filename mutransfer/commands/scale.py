@@ -387,6 +387,11 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps, batch, t.batch_size)
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
+        from .predict import check_scale
+        summary["prediction"] = pc = check_scale(state.val_loss, src, width, steps, experiment.depth_of(recipe),
+                                                 out if d.main else None, recipe.name)
+        if pc["status"] != "skipped" or (src.file or {}).get("prediction"):
+            say(f"[{ {'ok': 'green', 'missed': 'red bold'}.get(pc['status'], 'yellow')}]{pc['message']}[/]")
     if d.main:
         write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, default=str, allow_nan=False))
         _print_summary(summary, say)
@@ -470,4 +475,6 @@ def _print_summary(s: dict, say) -> None:
         + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""))
     if s.get("transfer", {}).get("status") == "failed":
         say(f"[red bold]{s['transfer']['message']}[/]")
+    if s.get("prediction", {}).get("status") == "missed":
+        say(f"[red bold]{s['prediction']['message']}[/]")
     say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}")

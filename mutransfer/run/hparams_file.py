@@ -8,6 +8,7 @@
     study: quickstart
     storage: sqlite:///runs/quickstart/study.db
     steps: 60                 # train.steps the proxy was tuned with
+    prediction: {...}         # `mutransfer predict`: the ladder, the fit and the target's predicted loss
 """
 from __future__ import annotations
 
@@ -40,6 +41,27 @@ def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optim
         d["steps"] = int(steps)
     if extra:
         d.update(extra)
+    kept = _kept_prediction(path, d)
+    if kept is not None:                 # a re-tune that lands on the same values keeps the ladder's prediction
+        d["prediction"] = kept
+    return write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+
+def _kept_prediction(path: str | Path, d: dict) -> Optional[dict]:
+    try:
+        old = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    pred = old.get("prediction") if isinstance(old, dict) else None
+    if not isinstance(pred, dict) or pred.get("proxy_width") != d["proxy_width"] or pred.get("tuned") != d["hparams"]:
+        return None
+    return pred
+
+
+def write_prediction(path: str | Path, prediction: dict) -> Path:
+    """Add (replace) the `prediction` field of an existing hparams file; everything else is kept."""
+    d = read_hparams_file(path)
+    d["prediction"] = prediction
     return write_text(path, yaml.safe_dump(d, sort_keys=False))
 
 
@@ -62,6 +84,8 @@ def read_hparams_file(path: str | Path) -> dict:
         why = value_problem(k, v)
         if why:
             raise UserError(f"{p}: hparams.{k}", f"{why}, got {v!r}")
+    if "prediction" in d and not isinstance(d["prediction"], dict):
+        raise UserError(f"{p}: prediction", "must be a mapping (written by `mutransfer predict`)")
     if isinstance(d["proxy_width"], bool) or not isinstance(d["proxy_width"], int) or not 0 < d["proxy_width"] < 2**31:
         raise UserError(f"{p}: proxy_width", f"must be a positive integer, got {d['proxy_width']!r}")
     return d
