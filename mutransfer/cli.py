@@ -173,7 +173,7 @@ def predict(
     width: Optional[str] = typer.Option(None, help="target width(s), comma-separated (default: widths.target)"),
     seeds: int = typer.Option(2, help="seeds per ladder width"),
     fit_on: str = typer.Option("params", help="the fit's variable: params | compute | width"),
-    budget: float = typer.Option(0.2, help="default ladder: at most this fraction of the target run's compute"),
+    budget: float = typer.Option(0.25, help="default ladder: at most this fraction of the target run's compute"),
     rungs: int = typer.Option(3, help="default ladder: this many widths (>= 3)"),
     steps: Optional[int] = typer.Option(None, help="training steps, ladder and target (default: train.steps)"),
     level: float = typer.Option(0.95, help="the interval's coverage"),

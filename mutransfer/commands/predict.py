@@ -44,7 +44,7 @@ class PredictOptions:
     target: Optional[str] = None        # target width(s), comma-separated (default widths.target)
     seeds: int = 2
     fit_on: str = "params"              # params | compute | width
-    budget: float = 0.2                 # the default ladder's cost, as a fraction of the (smallest) target run
+    budget: float = 0.25                # the default ladder's cost, as a fraction of the (smallest) target run
     rungs: int = 3                      # widths in the default ladder
     steps: Optional[int] = None         # default train.steps (as scale)
     level: float = 0.95
@@ -241,7 +241,8 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     ladder_s = sum(r["seconds"] for r in records.values())
     prediction = {
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "recipe": str(o.recipe),
-        "fit_on": o.fit_on, "steps": steps, "level": o.level, "method": p.method, "noise": p.noise,
+        "fit_on": o.fit_on, "steps": steps, "batch_size": recipe.train.batch_size, "level": o.level,
+        "method": p.method, "noise": p.noise,
         "proxy_width": src.base_width, "depth": experiment.depth_of(recipe), "hparams": hp_flat,
         "tuned": (src.file or {}).get("hparams"),
         "fit": {"E": p.fit.E, "A": p.fit.A, "alpha": p.fit.alpha, **{f"{k}_interval": v for k, v in p.intervals.items()}},
@@ -358,20 +359,23 @@ def _read(p: Path) -> dict:
         return {}
 
 
-def check_scale(val_loss: Optional[float], src, width: int, steps: int, depth: Optional[int],
-                out: Optional[Path], recipe_name: str = "") -> dict:
+def check_scale(val_loss: Optional[float], src, recipe: Recipe, width: int, steps: int,
+                out: Optional[Path] = None) -> dict:
     """Called by `scale` at the end: its final validation loss against the hparams file's prediction.
     When there is one for this width, also draws the ladder with this run's point (OUT/prediction.png)."""
     pred = (src.file or {}).get("prediction")
     c = check(val_loss, pred, width=width, steps=steps, hparams=src.hparams.flat(), base_width=src.base_width,
-              depth=depth)
+              depth=experiment.depth_of(recipe))
+    if c["status"] != "skipped" and pred.get("batch_size", recipe.train.batch_size) != recipe.train.batch_size:
+        c = {**c, "status": "skipped", "message": f"the prediction was made with batch size {pred['batch_size']} "
+             f"(this run: {recipe.train.batch_size}); not compared"}
     if c["status"] in ("ok", "missed") and out is not None:
         try:
             from ..report.predict_plot import plot_prediction
 
             p = out / "prediction.png"
             check_output(p, "--out", "prediction plot")
-            plot_prediction(pred, p, {str(width): val_loss}, title=f"{recipe_name}: {steps} steps")
+            plot_prediction(pred, p, {str(width): val_loss}, title=f"{recipe.name}: {steps} steps")
             c["plot"] = str(p)
         except (UserError, OSError, ImportError, ValueError) as e:      # a figure never fails a finished run
             c["plot_error"] = f"{type(e).__name__}: {e}"
