@@ -175,7 +175,9 @@ def predict(
     fit_on: str = typer.Option("params", help="the fit's variable: params | compute | width"),
     budget: float = typer.Option(0.25, help="default ladder: at most this fraction of the target run's compute"),
     rungs: int = typer.Option(3, help="default ladder: this many widths (>= 3)"),
-    steps: Optional[int] = typer.Option(None, help="training steps, ladder and target (default: train.steps)"),
+    steps: Optional[int] = typer.Option(None, help="training steps of every run (default: as scale decides them "
+                                                   "per width: target: section, else train.steps)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch size of every run (default: as scale)"),
     level: float = typer.Option(0.95, help="the interval's coverage"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     plot: Optional[Path] = typer.Option(None, help="PNG (default runs/<name>/predict/prediction.png)"),
@@ -186,7 +188,7 @@ def predict(
     from .commands.predict import PredictOptions, run_predict
 
     res = run_predict(PredictOptions(str(recipe), str(hparams) if hparams else None, widths, width, seeds, fit_on,
-                                     budget, rungs, steps, level, device, str(plot) if plot else None,
+                                     budget, rungs, steps, batch_size, level, device, str(plot) if plot else None,
                                      str(json_path) if json_path else None, depth=depth))
     if res.exit_code:
         raise typer.Exit(res.exit_code)

@@ -75,7 +75,7 @@ def test_ladders_that_cannot_be_fitted_are_refused(xs, losses, what):
 
 
 def test_check_inside_outside_and_not_comparable():
-    pred = {"targets": {"1024": {"loss": 2.30, "low": 2.29, "high": 2.31}}, "steps": 200, "level": 0.95,
+    pred = {"targets": {"1024": {"loss": 2.30, "low": 2.29, "high": 2.31, "steps": 200, "batch_size": 64}}, "level": 0.95,
             "hparams": {"lr": 0.01}, "proxy_width": 64, "depth": None}
     kw = dict(width=1024, steps=200, hparams={"lr": 0.01}, base_width=64)
     ok = check(2.305, pred, **kw)
@@ -85,6 +85,8 @@ def test_check_inside_outside_and_not_comparable():
     lo = check(2.20, pred, **kw)
     assert lo["status"] == "missed" and "below" in lo["message"] and "wider ladder" in lo["message"]
     assert check(2.30, pred, **{**kw, "steps": 100})["status"] == "skipped"
+    assert "batch size 64 (this run: 128)" in check(2.30, pred, **kw, batch_size=128)["message"]
+    assert check(2.30, pred, **kw, batch_size=64)["status"] == "ok"
     assert "hyperparameter" in check(2.30, pred, **{**kw, "hparams": {"lr": 0.02}})["message"]
     assert "not 2048" in check(2.30, pred, **{**kw, "width": 2048})["message"]
     assert check(2.30, None, **kw)["status"] == "skipped"
@@ -135,7 +137,8 @@ def ladder(tiny):
 def test_predict_writes_the_prediction_into_the_hparams_file(tiny, ladder):
     hp = read_hparams_file(tiny / "runs" / "tinyp" / "hparams.yaml")
     p = hp["prediction"]
-    assert hp["hparams"] == {"lr": 1e-2} and p["proxy_width"] == 16 and p["steps"] == 8
+    assert hp["hparams"] == {"lr": 1e-2} and p["proxy_width"] == 16
+    assert all(r["steps"] == 8 and r["batch_size"] == 8 for r in [*p["ladder"], *p["targets"].values()])
     assert [r["width"] for r in p["ladder"]] == [16, 32, 64] and all(len(r["losses"]) == 2 for r in p["ladder"])
     t = p["targets"]["128"]
     assert t["low"] <= t["loss"] <= t["high"] and 0 < t["ladder_cost"] < 1
@@ -184,7 +187,7 @@ def test_default_ladder_is_chosen_within_the_budget(tiny, ladder):
 def test_prediction_survives_a_resumed_ladder(tiny, ladder):
     hp = tiny / "runs" / "tinyp" / "hparams.yaml"
     before = read_hparams_file(hp)["prediction"]
-    cache = next((tiny / "runs" / "tinyp" / "predict").glob("*/w64-s1.json"))
+    cache = next((tiny / "runs" / "tinyp" / "predict").glob("*/w64-s1-n8-b8.json"))
     cache.unlink()                                  # as if killed before the last run finished
     r = predict(tiny, "--widths", LADDER)
     assert r.exit_code == 0 and "5 of 6 runs cached" in r.output, r.output

@@ -4,9 +4,11 @@
 
 With the tuned hyperparameters (the hparams file `tune` writes, resolved exactly as `scale` resolves
 it) every rung of the ladder (a width, times --seeds seeds) is trained the way `scale` trains the
-target: experiment.build at that width relative to the tuning width, the same data stream and
-validation batches, train.train (THE loop), the same steps. Seed offset 0 is the very run `scale
---width W` would make. Each rung's final validation loss is cached (runs/<name>/predict/<setup>/), so
+target: the steps and batch `scale --width W` would use (experiment.target_run: flags, else the
+recipe's `target:` section, else train's), the horizon and batch factors from the tuning run to
+those (scale.horizon_of), experiment.build at that width relative to the tuning width, the same data
+stream and validation batches, train.train (THE loop). Seed offset 0 is the very run `scale --width W`
+would make. Each rung's final validation loss is cached (runs/<name>/predict/<setup>/), so
 an interrupted ladder resumes where it stopped and a rerun only refits.
 
 L = E + A·x^-α is fitted over parameters, compute or width (report/predict_fit.py), the prediction
@@ -46,7 +48,8 @@ class PredictOptions:
     fit_on: str = "params"              # params | compute | width
     budget: float = 0.25                # the default ladder's cost, as a fraction of the (smallest) target run
     rungs: int = 3                      # widths in the default ladder
-    steps: Optional[int] = None         # default train.steps (as scale)
+    steps: Optional[int] = None         # every run's steps (default: as scale decides them per width)
+    batch_size: Optional[int] = None    # every run's batch (default: as scale)
     level: float = 0.95
     device: str = "auto"
     plot: Optional[str] = None          # default runs/<name>/predict/prediction.png
@@ -84,18 +87,18 @@ def choose_ladder(candidates: list[int], cost: dict[int, float], target_cost: fl
     return []
 
 
-def _fingerprint(recipe: Recipe, hp: dict, base_width: int, base_depth: Optional[int], steps: int) -> str:
+def _fingerprint(recipe: Recipe, hp: dict, base_width: int, base_depth: Optional[int]) -> str:
     d = recipe_to_dict(recipe)
     for k in ("name", "search", "coord_check", "sweep", "widths"):
         d.pop(k, None)
     for k in ("steps", "eval_every", "log_every"):
         d["train"].pop(k, None)
-    d["predict_run"] = {"hparams": hp, "base_width": base_width, "base_depth": base_depth, "steps": steps,
+    d["predict_run"] = {"hparams": hp, "base_width": base_width, "base_depth": base_depth,
                         "depth": experiment.depth_of(recipe)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cost(recipe: Recipe, width: int, src, steps: int) -> tuple[int, float]:
+def _cost(recipe: Recipe, width: int, src, steps: int, batch: int) -> tuple[int, float]:
     """(parameters, training FLOPs of one run) at `width`: the dry run's estimate (6·N·tokens without one)."""
     from ..report.explain import explain
     import warnings
@@ -107,7 +110,7 @@ def _cost(recipe: Recipe, width: int, src, steps: int) -> tuple[int, float]:
     if not per_step:
         x, y = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))
         per_step = 6.0 * plan.numel * (y.numel() if y.dim() >= 2 else x.shape[0]) * recipe.train.grad_accum
-    return int(plan.numel), float(per_step) * steps
+    return int(plan.numel), float(per_step) * steps * batch / recipe.train.batch_size   # counted at train's batch
 
 
 class _Steps:
@@ -120,21 +123,23 @@ class _Steps:
         self.advance()
 
 
-def train_rung(recipe: Recipe, width: int, src, steps: int, seed_offset: int, device: str, val: list,
+def train_rung(recipe: Recipe, width: int, src, steps: int, batch: int, seed_offset: int, device: str, val: list,
                callbacks=()) -> dict:
     """One rung, one seed, trained like `scale` trains the target; its final validation loss."""
     from ..run.train import train
+    from .scale import horizon_of
 
     seed = recipe.train.seed + seed_offset
     t0 = time.perf_counter()
+    hz = horizon_of(recipe, src, steps, batch)
     pm = experiment.build(recipe, width, src.hparams, device=device, seed=seed, base_width=src.base_width,
-                          base_depth=src.base_depth)
-    data = experiment.data_stream(recipe, "train", seed)
-    cfg = experiment.train_config(recipe, device, steps=steps, eval_every=0)
+                          base_depth=src.base_depth, horizon=hz)
+    data = experiment.data_stream(recipe, "train", seed, batch)
+    cfg = experiment.train_config(recipe, device, steps=steps, warmup=hz.warmup, eval_every=0)
     state = train(pm.model, pm.optimizer, data, cfg, val_batches=val, callbacks=list(callbacks))
     ok = not state.diverged and state.val_loss is not None and math.isfinite(state.val_loss)
     return {"width": width, "seed": seed_offset, "val_loss": state.val_loss if ok else None,
-            "reason": state.reason if not ok else "", "steps": state.step,
+            "reason": state.reason if not ok else "", "steps": state.step, "batch_size": batch,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -157,9 +162,8 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
         raise UserError("--level", f"must be between 0 and 1, got {o.level}")
     if o.steps is not None and o.steps <= 0:
         raise UserError("--steps", "must be > 0")
-    steps = o.steps or recipe.train.steps
-    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
-        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    if o.batch_size is not None and o.batch_size <= 0:
+        raise UserError("--batch-size", "must be > 0")
     targets = parse_widths(o.target, "--width") or [recipe.widths.target]
     ladder = parse_widths(o.widths, "--widths")
     if ladder is not None:
@@ -184,14 +188,20 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     experiment.check_recipe(recipe)
 
     # --- costs (meta device), and the ladder
-    costs: dict[int, tuple[int, float]] = {w: _cost(recipe, w, src, steps) for w in targets}
+    run: dict[int, tuple[int, int]] = {}          # width -> (steps, batch), as `scale --width` decides them
+
+    def cost_at(w: int) -> tuple[int, float]:
+        run[w] = experiment.target_run(recipe, w, o.steps, o.batch_size)
+        return _cost(recipe, w, src, *run[w])
+
+    costs: dict[int, tuple[int, float]] = {w: cost_at(w) for w in targets}
     t_cost = min(costs[w][1] for w in targets)
     if ladder is None:
         cands, w = [], min(targets) // 2
         while w >= 4 and len(cands) < 12:
             try:
                 experiment.shapes_for(recipe, w)
-                costs[w] = _cost(recipe, w, src, steps)
+                costs[w] = cost_at(w)
                 cands.append(w)
             except UserError:
                 pass
@@ -204,28 +214,28 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
         experiment.shapes_for(recipe, w)
         experiment.check_fits(recipe, w, "--widths", device)
         if w not in costs:
-            costs[w] = _cost(recipe, w, src, steps)
+            costs[w] = cost_at(w)
 
     # --- the rungs: cached ones read back, the rest trained
     hp_flat = src.hparams.flat()
-    fp = _fingerprint(recipe, hp_flat, src.base_width, src.base_depth, steps)
+    fp = _fingerprint(recipe, hp_flat, src.base_width, src.base_depth)
     cache = folder / fp
     val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
     records: dict[tuple[int, int], dict] = {}
     todo = []
     for w in ladder:
         for s in range(o.seeds):
-            rec = _load(cache / f"w{w}-s{s}.json", fp)
-            if rec is not None and rec.get("width") == w and rec.get("seed") == s:
+            rec = _load(cache / _name(w, s, run[w]), fp)
+            if rec is not None and rec.get("width") == w and rec.get("seed") == s and rec.get("steps") == run[w][0]:
                 records[(w, s)] = rec
             else:
                 todo.append((w, s))
     frac = o.seeds * sum(costs[w][1] for w in ladder) / t_cost
     console.print(f"[bold]predict[/] {recipe.name}: ladder widths {', '.join(map(str, ladder))} × {o.seeds} seed(s), "
-                  f"{steps} steps each; estimated cost {100 * frac:.1f}% of the width-{min(targets)} target run; "
+                  f"{_runs_text([run[w] for w in ladder])}; estimated cost {100 * frac:.1f}% of the width-{min(targets)} target run; "
                   f"hparams: {src.source}" + (f"; {len(records)} of {len(ladder) * o.seeds} runs cached in {cache}"
                                               if records else ""), highlight=False)
-    _train_all(recipe, todo, src, steps, device, val, cache, fp, records, console)
+    _train_all(recipe, todo, src, run, device, val, cache, fp, records, console)
     bad = [r for r in records.values() if r["val_loss"] is None]
     if bad:
         console.print(f"[red]width {bad[0]['width']} seed {bad[0]['seed']} diverged[/] ({bad[0]['reason']}): "
@@ -241,15 +251,16 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     ladder_s = sum(r["seconds"] for r in records.values())
     prediction = {
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"), "recipe": str(o.recipe),
-        "fit_on": o.fit_on, "steps": steps, "batch_size": recipe.train.batch_size, "level": o.level,
+        "fit_on": o.fit_on, "level": o.level,
         "method": p.method, "noise": p.noise,
         "proxy_width": src.base_width, "depth": experiment.depth_of(recipe), "hparams": hp_flat,
         "tuned": (src.file or {}).get("hparams"),
         "fit": {"E": p.fit.E, "A": p.fit.A, "alpha": p.fit.alpha, **{f"{k}_interval": v for k, v in p.intervals.items()}},
-        "ladder": [{"width": w, "params": costs[w][0], "flops": costs[w][1], "x": xof(w), "losses": losses[i]}
-                   for i, w in enumerate(ladder)],
+        "ladder": [{"width": w, "params": costs[w][0], "flops": costs[w][1], "x": xof(w), "steps": run[w][0],
+                    "batch_size": run[w][1], "losses": losses[i]} for i, w in enumerate(ladder)],
         "ladder_seconds": round(ladder_s, 1),
-        "targets": {str(w): {"x": t["x"], "params": costs[w][0], "flops": costs[w][1], "loss": t["loss"],
+        "targets": {str(w): {"x": t["x"], "params": costs[w][0], "flops": costs[w][1], "steps": run[w][0],
+                             "batch_size": run[w][1], "loss": t["loss"],
                              "low": t["low"], "high": t["high"],
                              "ladder_cost": o.seeds * sum(costs[v][1] for v in ladder) / costs[w][1]}
                     for w, t in zip(targets, p.targets)},
@@ -260,7 +271,7 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     measured = _scale_points(recipe, o.runs_dir, prediction)
     from ..report.predict_plot import plot_prediction
 
-    plot_prediction(prediction, plot_path, measured, title=f"{recipe.name}: {steps} steps")
+    plot_prediction(prediction, plot_path, measured, title=f"{recipe.name}: {_runs_text([run[w] for w in ladder])}")
     console.print(f"plot -> {plot_path}", highlight=False)
     if json_path:
         write_json(json_path, {"written_by": marker("prediction"), **prediction, "measured": measured}, allow_nan=False)
@@ -268,7 +279,17 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     return PredictResult(0, prediction)
 
 
-def _train_all(recipe, todo, src, steps, device, val, cache, fp, records, console) -> None:
+def _name(w: int, s: int, run: tuple[int, int]) -> str:
+    return f"w{w}-s{s}-n{run[0]}-b{run[1]}.json"
+
+
+def _runs_text(runs: list) -> str:
+    steps, batches = sorted({r[0] for r in runs}), sorted({r[1] for r in runs})
+    return ("/".join(map(str, steps)) + " steps" + (" each" if len(steps) == 1 else "") + ", batch "
+            + "/".join(map(str, batches)))
+
+
+def _train_all(recipe, todo, src, run, device, val, cache, fp, records, console) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if not todo:
@@ -277,15 +298,14 @@ def _train_all(recipe, todo, src, steps, device, val, cache, fp, records, consol
     cols = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.description}"))
     with Progress(*cols, console=console, transient=False) as bar:
-        task = bar.add_task("", total=len(todo) * steps)
+        task = bar.add_task("", total=sum(run[w][0] for w, _ in todo))
         plain = PlainLines(console, "predict: runs", len(todo))
         for i, (w, s) in enumerate(todo):
             bar.update(task, description=f"width {w} seed {s}")
-            rec = train_rung(recipe, w, src, steps, s, device, val,
-                             [_Steps(lambda: bar.advance(task))])
+            rec = train_rung(recipe, w, src, *run[w], s, device, val, [_Steps(lambda: bar.advance(task))])
             rec["fingerprint"] = fp
             if rec["val_loss"] is not None:
-                write_json(cache / f"w{w}-s{s}.json", {"written_by": marker("predict rung"), **rec}, allow_nan=False)
+                write_json(cache / _name(w, s, run[w]), {"written_by": marker("predict rung"), **rec}, allow_nan=False)
             records[(w, s)] = rec
             plain.update(i + 1, f"width {w} seed {s}: " + (f"{rec['val_loss']:.4f}" if rec["val_loss"] is not None
                                                            else "diverged"))
@@ -318,13 +338,13 @@ def _plain(x):
 def _report(pred: dict, console, hp_path: Path) -> None:
     from rich.table import Table
 
-    tb = Table(title=f"ladder ({pred['steps']} steps, final validation loss)")
-    for c in ("width", "parameters", f"x ({pred['fit_on']})", "losses (per seed)", "mean", "fit"):
+    tb = Table(title="ladder (final validation loss)")
+    for c in ("width", "parameters", "steps", "batch", f"x ({pred['fit_on']})", "losses (per seed)", "mean", "fit"):
         tb.add_column(c, justify="right")
     f = pred["fit"]
     for r in pred["ladder"]:
         m = sum(r["losses"]) / len(r["losses"])
-        tb.add_row(str(r["width"]), f"{r['params']:,}", f"{r['x']:.4g}", ", ".join(f"{v:.4f}" for v in r["losses"]),
+        tb.add_row(str(r["width"]), f"{r['params']:,}", str(r["steps"]), str(r["batch_size"]), f"{r['x']:.4g}", ", ".join(f"{v:.4f}" for v in r["losses"]),
                    f"{m:.4f}", f"{f['E'] + f['A'] * r['x'] ** -f['alpha']:.4f}")
     console.print(tb)
     lv = f"{100 * pred['level']:g}%"
@@ -359,23 +379,20 @@ def _read(p: Path) -> dict:
         return {}
 
 
-def check_scale(val_loss: Optional[float], src, recipe: Recipe, width: int, steps: int,
+def check_scale(val_loss: Optional[float], src, recipe: Recipe, width: int, steps: int, batch: int,
                 out: Optional[Path] = None) -> dict:
     """Called by `scale` at the end: its final validation loss against the hparams file's prediction.
     When there is one for this width, also draws the ladder with this run's point (OUT/prediction.png)."""
     pred = (src.file or {}).get("prediction")
-    c = check(val_loss, pred, width=width, steps=steps, hparams=src.hparams.flat(), base_width=src.base_width,
-              depth=experiment.depth_of(recipe))
-    if c["status"] != "skipped" and pred.get("batch_size", recipe.train.batch_size) != recipe.train.batch_size:
-        c = {**c, "status": "skipped", "message": f"the prediction was made with batch size {pred['batch_size']} "
-             f"(this run: {recipe.train.batch_size}); not compared"}
+    c = check(val_loss, pred, width=width, steps=steps, batch_size=batch, hparams=src.hparams.flat(),
+              base_width=src.base_width, depth=experiment.depth_of(recipe))
     if c["status"] in ("ok", "missed") and out is not None:
         try:
             from ..report.predict_plot import plot_prediction
 
             p = out / "prediction.png"
             check_output(p, "--out", "prediction plot")
-            plot_prediction(pred, p, {str(width): val_loss}, title=f"{recipe.name}: {steps} steps")
+            plot_prediction(pred, p, {str(width): val_loss}, title=f"{recipe.name}: {steps} steps, batch {batch}")
             c["plot"] = str(p)
         except (UserError, OSError, ImportError, ValueError) as e:      # a figure never fails a finished run
             c["plot_error"] = f"{type(e).__name__}: {e}"

@@ -388,7 +388,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
         from .predict import check_scale
-        summary["prediction"] = pc = check_scale(state.val_loss, src, recipe, width, steps, out if d.main else None)
+        summary["prediction"] = pc = check_scale(state.val_loss, src, recipe, width, steps, batch,
+                                                 out if d.main else None)
         if pc["status"] != "skipped" or (src.file or {}).get("prediction"):
             say(f"[{ {'ok': 'green', 'missed': 'red bold'}.get(pc['status'], 'yellow')}]{pc['message']}[/]")
     if d.main:

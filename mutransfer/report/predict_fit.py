@@ -174,9 +174,10 @@ def fit_ladder(xs: Sequence[float], losses: Sequence[Sequence[float]], targets: 
         return [float(t) for t in np.quantile(v, q)]
 
     pred = Prediction(fit, method, level, {"E": iv(be), "A": iv(bA), "alpha": iv(bal)}, noise)
+    eps = rng.normal(0.0, noise, size=boot)      # one draw per replicate for every target: a smooth band
     for t in targets:
         mu = fit.E + fit.A * float(t) ** -fit.alpha
-        draws = be + bA * float(t) ** -bal + rng.normal(0.0, noise, size=boot)
+        draws = be + bA * float(t) ** -bal + eps
         lo, hi = iv(draws)
         pred.targets.append({"x": float(t), "loss": float(mu), "low": min(lo, mu), "high": max(hi, mu)})
     return pred
@@ -188,10 +189,10 @@ def curve(fit: dict | Fit, x: Sequence[float]) -> np.ndarray:
 
 
 def check(measured: Optional[float], prediction: Optional[dict], *, width: int, steps: int,
-          hparams: dict, base_width: int, depth: Optional[int] = None) -> dict:
+          hparams: dict, base_width: int, depth: Optional[int] = None, batch_size: Optional[int] = None) -> dict:
     """The target's final validation loss against the prediction the hparams file holds for this
     width: {"status": "ok" | "missed" | "skipped", "message", ...}. Skipped (with why) when there is
-    no prediction, or it was made for other steps, hparams, proxy width or depth."""
+    no prediction, or it was made for other steps, batch size, hparams, proxy width or depth."""
     if not prediction:
         return {"status": "skipped", "message": "no prediction in the hparams file (run `mutransfer predict`)"}
     t = (prediction.get("targets") or {}).get(str(width)) or (prediction.get("targets") or {}).get(width)
@@ -199,8 +200,10 @@ def check(measured: Optional[float], prediction: Optional[dict], *, width: int, 
         have = ", ".join(str(k) for k in (prediction.get("targets") or {}))
         return {"status": "skipped", "message": f"the prediction is for width(s) {have or 'none'}, not {width}"}
     why = []
-    if prediction.get("steps") != steps:
-        why.append(f"{prediction.get('steps')} steps (this run: {steps})")
+    if t.get("steps") != steps:
+        why.append(f"{t.get('steps')} steps (this run: {steps})")
+    if batch_size is not None and t.get("batch_size") != batch_size:
+        why.append(f"batch size {t.get('batch_size')} (this run: {batch_size})")
     if _norm(prediction.get("hparams")) != _norm(hparams):
         why.append("other hyperparameter values")
     if prediction.get("proxy_width") != base_width:
