@@ -13,7 +13,7 @@ an interrupted ladder resumes where it stopped and a rerun only refits.
 
 L = E + A·x^-α is fitted over parameters, compute or width (report/predict_fit.py), the prediction
 and its interval for each target width go into the hparams file's `prediction:` field, and `scale`
-compares its final validation loss with it (check_scale). The default ladder: halvings of the target
+compares its final validation loss with it (predict_check.check_scale). The default ladder: halvings of the target
 width, the widest `--rungs` consecutive ones whose runs (all seeds) cost at most `--budget` of the
 target run (estimated FLOPs per step × steps, as the dry run estimates them).
 """
@@ -32,10 +32,11 @@ from ..atomic import write_json
 from ..console import PlainLines, make_console
 from ..errors import UserError
 from ..outputs_guard import check_output, marker
-from ..report.predict_fit import FIT_ON, check, check_ladder, fit_ladder
+from ..report.predict_fit import FIT_ON, check_ladder, fit_ladder
 from ..run import experiment
 from ..run.hparams_file import default_path, write_prediction
 from ..run.recipe import Recipe, load_recipe, recipe_to_dict
+from .predict_check import check_scale  # noqa: F401 - scale's side of it, importable from here too
 
 
 @dataclass
@@ -377,23 +378,3 @@ def _read(p: Path) -> dict:
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def check_scale(val_loss: Optional[float], src, recipe: Recipe, width: int, steps: int, batch: int,
-                out: Optional[Path] = None) -> dict:
-    """Called by `scale` at the end: its final validation loss against the hparams file's prediction.
-    When there is one for this width, also draws the ladder with this run's point (OUT/prediction.png)."""
-    pred = (src.file or {}).get("prediction")
-    c = check(val_loss, pred, width=width, steps=steps, batch_size=batch, hparams=src.hparams.flat(),
-              base_width=src.base_width, depth=experiment.depth_of(recipe))
-    if c["status"] in ("ok", "missed") and out is not None:
-        try:
-            from ..report.predict_plot import plot_prediction
-
-            p = out / "prediction.png"
-            check_output(p, "--out", "prediction plot")
-            plot_prediction(pred, p, {str(width): val_loss}, title=f"{recipe.name}: {steps} steps, batch {batch}")
-            c["plot"] = str(p)
-        except (UserError, OSError, ImportError, ValueError) as e:      # a figure never fails a finished run
-            c["plot_error"] = f"{type(e).__name__}: {e}"
-    return c

@@ -387,7 +387,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps, batch, t.batch_size)
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
         say(f"[{colour}]{check['message']}[/]")
-        from .predict import check_scale
+        from .predict_check import check_scale
         summary["prediction"] = pc = check_scale(state.val_loss, src, recipe, width, steps, batch,
                                                  out if d.main else None)
         if pc["status"] != "skipped" or (src.file or {}).get("prediction"):
