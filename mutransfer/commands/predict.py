@@ -13,9 +13,9 @@ an interrupted ladder resumes where it stopped and a rerun only refits.
 
 L = E + A·x^-α is fitted over parameters, compute or width (report/predict_fit.py), the prediction
 and its interval for each target width go into the hparams file's `prediction:` field, and `scale`
-compares its final validation loss with it (predict_check.check_scale). The default ladder: halvings of the target
-width, the widest `--rungs` consecutive ones whose runs (all seeds) cost at most `--budget` of the
-target run (estimated FLOPs per step × steps, as the dry run estimates them).
+compares its final validation loss with it (predict_check.check_scale). The default ladder: halvings
+of the target width, the widest `--rungs` consecutive ones whose runs (all seeds) cost at most
+`--budget` of the target run (estimated FLOPs per step × steps, as the dry run estimates them).
 """
 from __future__ import annotations
 
@@ -180,7 +180,8 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     hp_path = Path(o.hparams) if o.hparams else default_path(recipe.name, o.runs_dir)
     check_output(hp_path, "--hparams", "hparams")      # we add a field to it: it must be ours
     folder = Path(o.runs_dir) / recipe.name / "predict"
-    plot_path = check_output(o.plot or folder / "prediction.png", "--plot", "prediction plot", [Path(o.recipe)], ".png")
+    plot_path = check_output(o.plot or folder / "prediction.png", "--plot", "prediction plot", [Path(o.recipe)],
+                             ".png")
     json_path = check_output(o.json_path, "--json", "prediction", [Path(o.recipe)], ".json")
     for w in targets:
         if w < src.base_width:
@@ -232,10 +233,11 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
             else:
                 todo.append((w, s))
     frac = o.seeds * sum(costs[w][1] for w in ladder) / t_cost
-    console.print(f"[bold]predict[/] {recipe.name}: ladder widths {', '.join(map(str, ladder))} × {o.seeds} seed(s), "
-                  f"{_runs_text([run[w] for w in ladder])}; estimated cost {100 * frac:.1f}% of the width-{min(targets)} target run; "
-                  f"hparams: {src.source}" + (f"; {len(records)} of {len(ladder) * o.seeds} runs cached in {cache}"
-                                              if records else ""), highlight=False)
+    console.print(f"[bold]predict[/] {recipe.name}: ladder widths {', '.join(map(str, ladder))} × {o.seeds} "
+                  f"seed(s), {_runs_text([run[w] for w in ladder])}; estimated cost {100 * frac:.1f}% of the "
+                  f"width-{min(targets)} target run; hparams: {src.source}"
+                  + (f"; {len(records)} of {len(ladder) * o.seeds} runs cached in {cache}" if records else ""),
+                  highlight=False)
     _train_all(recipe, todo, src, run, device, val, cache, fp, records, console)
     bad = [r for r in records.values() if r["val_loss"] is None]
     if bad:
@@ -256,7 +258,8 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
         "method": p.method, "noise": p.noise,
         "proxy_width": src.base_width, "depth": experiment.depth_of(recipe), "hparams": hp_flat,
         "tuned": (src.file or {}).get("hparams"),
-        "fit": {"E": p.fit.E, "A": p.fit.A, "alpha": p.fit.alpha, **{f"{k}_interval": v for k, v in p.intervals.items()}},
+        "fit": {"E": p.fit.E, "A": p.fit.A, "alpha": p.fit.alpha,
+                **{f"{k}_interval": v for k, v in p.intervals.items()}},
         "ladder": [{"width": w, "params": costs[w][0], "flops": costs[w][1], "x": xof(w), "steps": run[w][0],
                     "batch_size": run[w][1], "losses": losses[i]} for i, w in enumerate(ladder)],
         "ladder_seconds": round(ladder_s, 1),
@@ -275,7 +278,8 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
     plot_prediction(prediction, plot_path, measured, title=f"{recipe.name}: {_runs_text([run[w] for w in ladder])}")
     console.print(f"plot -> {plot_path}", highlight=False)
     if json_path:
-        write_json(json_path, {"written_by": marker("prediction"), **prediction, "measured": measured}, allow_nan=False)
+        write_json(json_path, {"written_by": marker("prediction"), **prediction, "measured": measured},
+                   allow_nan=False)
         console.print(f"wrote {json_path}", highlight=False)
     return PredictResult(0, prediction)
 
@@ -340,12 +344,14 @@ def _report(pred: dict, console, hp_path: Path) -> None:
     from rich.table import Table
 
     tb = Table(title="ladder (final validation loss)")
-    for c in ("width", "parameters", "steps", "batch", f"x ({pred['fit_on']})", "losses (per seed)", "mean", "fit"):
+    for c in ("width", "parameters", "steps", "batch", f"x ({pred['fit_on']})", "losses (per seed)", "mean",
+              "fit"):
         tb.add_column(c, justify="right")
     f = pred["fit"]
     for r in pred["ladder"]:
         m = sum(r["losses"]) / len(r["losses"])
-        tb.add_row(str(r["width"]), f"{r['params']:,}", str(r["steps"]), str(r["batch_size"]), f"{r['x']:.4g}", ", ".join(f"{v:.4f}" for v in r["losses"]),
+        tb.add_row(str(r["width"]), f"{r['params']:,}", str(r["steps"]), str(r["batch_size"]), f"{r['x']:.4g}",
+                   ", ".join(f"{v:.4f}" for v in r["losses"]),
                    f"{m:.4f}", f"{f['E'] + f['A'] * r['x'] ** -f['alpha']:.4f}")
     console.print(tb)
     lv = f"{100 * pred['level']:g}%"
