@@ -75,7 +75,8 @@ def test_ladders_that_cannot_be_fitted_are_refused(xs, losses, what):
 
 
 def test_check_inside_outside_and_not_comparable():
-    pred = {"targets": {"1024": {"loss": 2.30, "low": 2.29, "high": 2.31, "steps": 200, "batch_size": 64}}, "level": 0.95,
+    pred = {"targets": {"1024": {"loss": 2.30, "low": 2.29, "high": 2.31, "steps": 200, "batch_size": 64}},
+            "level": 0.95,
             "hparams": {"lr": 0.01}, "proxy_width": 64, "depth": None}
     kw = dict(width=1024, steps=200, hparams={"lr": 0.01}, base_width=64)
     ok = check(2.305, pred, **kw)
@@ -200,6 +201,10 @@ def test_prediction_survives_a_retune_with_the_same_values_only(tiny, ladder, tm
     hp.write_text((tiny / "runs" / "tinyp" / "hparams.yaml").read_text())
     _hp(hp)                                          # tune finishing again (resumed) with the same best
     assert "prediction" in read_hparams_file(hp)
+    write_hparams_file(hp, recipe="tiny.yaml", proxy_width=16, optimizer="adamw", hparams={"lr": 1e-2},
+                       best_value=None, study="tiny", storage="none", steps=8, extra={"horizon": {"exponent": -0.5}})
+    assert "prediction" not in read_hparams_file(hp)  # a newly measured horizon rule: the ladder trained without it
+    hp.write_text((tiny / "runs" / "tinyp" / "hparams.yaml").read_text())
     _hp(hp, lr=2e-2)                                 # another best: the old ladder does not apply
     assert "prediction" not in read_hparams_file(hp)
 

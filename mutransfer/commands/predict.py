@@ -88,13 +88,15 @@ def choose_ladder(candidates: list[int], cost: dict[int, float], target_cost: fl
     return []
 
 
-def _fingerprint(recipe: Recipe, hp: dict, base_width: int, base_depth: Optional[int]) -> str:
+def _fingerprint(recipe: Recipe, hp: dict, base_width: int, base_depth: Optional[int], file: dict) -> str:
     d = recipe_to_dict(recipe)
     for k in ("name", "search", "coord_check", "sweep", "widths"):
         d.pop(k, None)
     for k in ("steps", "eval_every", "log_every"):
         d["train"].pop(k, None)
     d["predict_run"] = {"hparams": hp, "base_width": base_width, "base_depth": base_depth,
+                        # what horizon_of reads: the tuning run's steps, batch and measured exponents
+                        "tuned_run": [file.get("steps"), file.get("batch_size"), file.get("horizon")],
                         "depth": experiment.depth_of(recipe)}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -220,7 +222,7 @@ def run_predict(o: PredictOptions, console=None) -> PredictResult:
 
     # --- the rungs: cached ones read back, the rest trained
     hp_flat = src.hparams.flat()
-    fp = _fingerprint(recipe, hp_flat, src.base_width, src.base_depth)
+    fp = _fingerprint(recipe, hp_flat, src.base_width, src.base_depth, src.file)
     cache = folder / fp
     val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
     records: dict[tuple[int, int], dict] = {}

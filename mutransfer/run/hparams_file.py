@@ -53,7 +53,8 @@ def _kept_prediction(path: str | Path, d: dict) -> Optional[dict]:
     except (OSError, yaml.YAMLError):
         return None
     pred = old.get("prediction") if isinstance(old, dict) else None
-    if not isinstance(pred, dict) or pred.get("proxy_width") != d["proxy_width"] or pred.get("tuned") != d["hparams"]:
+    if not isinstance(pred, dict) or pred.get("proxy_width") != d["proxy_width"] or pred.get("tuned") != d["hparams"] \
+            or old.get("horizon") != d.get("horizon"):      # the ladder trained with the old horizon factors
         return None
     return pred
 
