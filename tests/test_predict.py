@@ -185,6 +185,17 @@ def test_default_ladder_is_chosen_within_the_budget(tiny, ladder):
     assert predict(tiny, "--widths", LADDER).exit_code == 0            # back to the fixture's ladder
 
 
+def test_fit_on_compute_refits_the_cached_ladder(tiny, ladder, tmp_path):
+    hp = tmp_path / "hp.yaml"
+    hp.write_text((tiny / "runs" / "tinyp" / "hparams.yaml").read_text())
+    r = predict(tiny, "--widths", LADDER, "--fit-on", "compute", "--hparams", hp, "--plot", tmp_path / "c.png")
+    assert r.exit_code == 0 and "6 of 6 runs cached" in r.output, r.output
+    p = read_hparams_file(hp)["prediction"]
+    assert p["fit_on"] == "compute" and all(r["x"] == r["flops"] > r["params"] for r in p["ladder"])
+    assert p["ladder"][0]["losses"] == read_hparams_file(tiny / "runs" / "tinyp" / "hparams.yaml")[
+        "prediction"]["ladder"][0]["losses"]
+
+
 def test_prediction_survives_a_resumed_ladder(tiny, ladder):
     hp = tiny / "runs" / "tinyp" / "hparams.yaml"
     before = read_hparams_file(hp)["prediction"]
