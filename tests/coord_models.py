@@ -213,3 +213,113 @@ def repeats(batch_size: int, seed: int = 0, split: str = "train", vocab: int = 1
         a = torch.randint(0, vocab, (batch_size, half), generator=g)
         s = torch.cat([a, a], 1)[:, : seq_len + 1]
         yield s[:, :-1], s[:, 1:]
+
+
+# ------------------------------------------- the three false alarms of issue 21 (correct models)
+
+class BNResNet(nn.Module):
+    """A ResNet-like conv net with BatchNorm (trained with AdamW in the tests): two stem convolutions
+    (3 -> width/2 -> width), one residual block of two 3x3 convs, average-pooled linear readout. Adam's
+    update of a convolution summed over many positions is high-rank: its operator norm scales like a
+    random matrix's while the features it moves stay Theta(1)."""
+
+    def __init__(self, width: int, channels: int, classes: int):
+        super().__init__()
+        half = width // 2
+        self.stem1 = nn.Conv2d(channels, half, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(half)
+        self.stem2 = nn.Conv2d(half, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv_a = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(width)
+        self.conv_b = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn_b = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.stem1(x)))
+        h = F.relu(self.bn2(self.stem2(h)))
+        h = F.relu(h + self.bn_b(self.conv_b(F.relu(self.bn_a(self.conv_a(h))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def bn_resnet(width: int, channels: int = 3, classes: int = 10) -> nn.Module:
+    return BNResNet(width, channels, classes)
+
+
+class SliceGate(nn.Module):
+    """An MLP whose hidden units form heads of 16 units; a gate reads a fixed 12-unit slice of the
+    first hidden layer and writes one value per head (fan_in 12, fan_out = width / 16), scaling its
+    head. The rule's min(1, √(fan_out/fan_in)) changes branch where the heads pass 12."""
+
+    def __init__(self, width: int, in_dim: int, classes: int, head: int = 16, slice_: int = 12):
+        super().__init__()
+        self.heads, self.head, self.slice = width // head, head, slice_
+        self.inp = nn.Linear(in_dim, width)
+        self.gate = nn.Linear(slice_, self.heads)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        g = 1 + self.gate(h[:, : self.slice])                      # one value per head
+        u = self.hidden(h).view(h.shape[0], self.heads, self.head) * g.unsqueeze(-1)
+        return self.out(F.relu(u.reshape(h.shape[0], -1)))
+
+
+def slice_gate(width: int, in_dim: int = 32, classes: int = 10) -> nn.Module:
+    return SliceGate(width, in_dim, classes)
+
+
+# -------------------------------------------------------------------------------- more of the zoo
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (RoPE) on the last dimension of (B, H, T, D)."""
+    T, D = x.shape[-2], x.shape[-1]
+    half = D // 2
+    freq = 10000 ** (-torch.arange(half, device=x.device, dtype=x.dtype) / half)
+    ang = torch.arange(T, device=x.device, dtype=x.dtype)[:, None] * freq[None]
+    cos, sin = ang.cos(), ang.sin()
+    a, b = x[..., :half], x[..., half: 2 * half]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, x[..., 2 * half:]], dim=-1)
+
+
+class RopeBlockModel(nn.Module):
+    """Correct: a pre-norm transformer with rotary positions, parameter-free norms (no gain, no bias),
+    1/d_head attention through SDPA with a fixed head count, and an untied readout."""
+
+    def __init__(self, width: int, heads: int, vocab: int):
+        super().__init__()
+        self.heads, self.d_head = heads, width // heads
+        self.tok = nn.Embedding(vocab, width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.fc = nn.Linear(width, 2 * width)
+        self.fc_out = nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        B, T, C = x.shape
+        h = F.layer_norm(x, (C,))
+        q, k, v = (t.view(B, T, self.heads, self.d_head).transpose(1, 2) for t in self.qkv(h).split(C, dim=2))
+        a = F.scaled_dot_product_attention(_rotate(q), _rotate(k), v, is_causal=True, scale=1.0 / self.d_head)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, C))
+        x = x + self.fc_out(F.gelu(self.fc(F.layer_norm(x, (C,)))))
+        return self.head(F.layer_norm(x, (C,)))
+
+
+def rope_muP(width: int, heads: int = 2, vocab: int = 256) -> nn.Module:
+    return RopeBlockModel(width, heads, vocab)
+
+
+class InputMultiplier(_MLP):
+    """DEFECT: a hard-coded multiplier sqrt(width / 32) on the input layer's output (before the ReLU)."""
+
+    def forward(self, x):
+        h = self.act1(self.inp(x) * self.mult)
+        return self.out(self.act2(self.hidden(h)))
+
+
+def input_multiplier(width: int, in_dim: int = 32, classes: int = 10) -> nn.Module:
+    return InputMultiplier(width, in_dim, classes, mult=math.sqrt(width / 32))

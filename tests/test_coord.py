@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from mutransfer.run import coord
+from mutransfer.run import coord, coord_measure
 from mutransfer.cli import app
 from mutransfer.report.coord_report import to_json
 from mutransfer.errors import UserError
@@ -175,6 +175,7 @@ DEFECTS = [
     ("coord_models:width_multiplier", VEC, 1e-3, 16, ("act2", "act")),
     ("coord_models:sum_readout", VEC8, 1e-3, 16, (coord.ROOT, "act")),
     ("coord_models:fixed_readout", VEC, 1e-3, 16, (coord.ROOT, "update")),
+    ("coord_models:input_multiplier", VEC, 1e-3, 16, ("act1", "act")),
 ]
 CORRECT = [
     ("coord_models:attn_muP", SEQ, 1e-2, 8),
@@ -182,6 +183,8 @@ CORRECT = [
     ("coord_models:unequal", VEC, 1e-3, 16),
     ("coord_models:resmlp", VEC, 1e-3, 16),
     ("coord_models:convnet", IMG, 1e-3, 8),
+    ("coord_models:rope_muP", SEQ, 1e-2, 8),         # rotary positions, parameter-free norms
+    ("coord_models:slice_gate", VEC, 1e-3, 16),      # a gate on a fixed 12-unit slice (regime change 128 -> 256)
 ]
 
 
@@ -234,7 +237,7 @@ def test_command_exit_codes_json_and_plot(tmp_path, monkeypatch):
     assert {coord.ROOT, "inp", "hidden.0", "out"} <= names
     for m in data["modules"]:
         assert m["statistic"] in ("act", "update") + coord.SPECTRAL_STATS
-        assert m["flag"] in ("ok", "blowup", "vanishing", "mis-scaled")
+        assert m["flag"] in coord.FLAGS and "interval" in m and "se" in m
         assert len(m["values"]) == 4 and isinstance(m["slope"], float)
     w, h = _png_size(out / "mup.png")
     assert w > 600 and h > 400
@@ -249,7 +252,7 @@ def test_command_exit_codes_json_and_plot(tmp_path, monkeypatch):
 def test_interrupted_check_resumes_from_saved_runs(tmp_path, monkeypatch):
     r = _recipe("builtin:mlp", VEC, 3e-3, batch_size=8)
     s = coord.resolve(r, widths=[16, 32, 64], steps=2, seeds=1)
-    real = coord.measure_one
+    real = coord_measure.measure_one
     calls = []
 
     def interrupted(recipe, s_, w, k, x, batches=None):
@@ -258,12 +261,12 @@ def test_interrupted_check_resumes_from_saved_runs(tmp_path, monkeypatch):
         calls.append(w)
         return real(recipe, s_, w, k, x, batches)
 
-    monkeypatch.setattr(coord, "measure_one", interrupted)
+    monkeypatch.setattr(coord_measure, "measure_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         coord.run(r, s, cache_dir=tmp_path)
     assert calls == [16, 32]
     calls.clear()
-    monkeypatch.setattr(coord, "measure_one", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(coord_measure, "measure_one", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
     resumed = coord.run(r, s, cache_dir=tmp_path)
     assert calls == [64]                                       # 16 and 32 were loaded, not retrained
     fresh = coord.run(r, s)

@@ -110,7 +110,9 @@ def test_transient_growth_is_not_a_blowup_but_a_trend_is():
     assert coord.judged(ws, [0.070, 0.115, 0.182, 0.167], "act")[2] == "ok"       # stops at the widest
     assert coord.judged(ws, [0.07, 0.1, 0.14, 0.2], "act")[2] == "blowup"          # keeps growing
     slope, tail, f = coord.judged(ws, [1.0, 1.0, 4.0, 8.0], "‖W₀‖")
-    assert f == "mis-scaled" and coord.judged(ws, [1.0, 0.5, 0.25, 0.125], "‖ΔW‖")[2] == "mis-scaled"
+    assert f == "mis-scaled" and coord.judged(ws, [1.0, 0.5, 0.25, 0.125], "‖W₀‖")[2] == "mis-scaled"
+    assert coord.judged(ws, [1.0, 2.0, 4.0, 8.0], "‖ΔW·x‖")[2] == "mis-scaled"
+    assert coord.judged(ws, [1.0, 0.5, 0.25, 0.125], "‖ΔW‖")[2] == "vanishing"    # a shrinking update: a warning
 
 
 # ------------------------------------------------------------------------------------- Python API
@@ -153,7 +155,7 @@ def test_python_api_runs_a_user_loop():
     ours = mutransfer.coord_check(gpt, [32, 64, 128], **kw)      # mutransfer's loop: the same training
     a = {(r.name, r.statistic): r for r in res.rows}
     b = {(r.name, r.statistic): r for r in ours.rows}
-    assert a.keys() == b.keys() and any(k[1] == "‖ΔW‖" for k in a)
+    assert a.keys() == b.keys() and any(k[1] == "‖ΔW·x‖" for k in a)     # updates judged in feature space
     for k in a:
         assert a[k].values == pytest.approx(b[k].values, rel=1e-3, abs=1e-6), k
     assert res.verdict == ours.verdict

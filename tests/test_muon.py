@@ -118,4 +118,4 @@ def test_muon_end_to_end_and_bit_exact_resume(tmp_path):
               "--parametrization", "sp")
     assert res.exit_code == 1, res.output[-1500:]                       # ... the SP control does not
     res = cli(tmp_path, "sweep", r, "--widths", "16,32", "--lrs", "0.01,0.02", "--steps", "3")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output              # one seed: the transfer verdict is inconclusive (exit 3)

@@ -104,9 +104,13 @@ def test_config_defaults_and_checks():
 def test_sweep_writes_json_and_png_records_divergence_and_caches(recipe_file, tmp_path, monkeypatch):
     res = _cli(recipe_file, "--widths", "16,32", "--lrs", "0.003,0.03,1e4", "--json", "out/s.json",
                "--plot", "out/s.png")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output                       # one seed: the transfer verdict is inconclusive
     assert "μP optimum drift" in res.output and "wider" in res.output
+    assert res.output.strip().splitlines()[-3].startswith("μP: transfer inconclusive")   # the rule's arm last
+    assert "rerun with --seeds 3" in res.output
     d = json.loads((tmp_path / "out/s.json").read_text())
+    assert d["transfer_verdict"] == {"arm": "mup", "verdict": "inconclusive", "exit_code": 3}
+    assert set(d["transfer"]) == {"mup", "sp"} and d["transfer"]["mup"]["seeds"] == 1
     assert set(d["results"]) == {"mup", "sp"} and set(d["drift_octaves"]) == {"mup", "sp"}
     for par in ("mup", "sp"):
         for w in ("16", "32"):
@@ -133,7 +137,7 @@ def test_sweep_writes_json_and_png_records_divergence_and_caches(recipe_file, tm
     real = sw.run_point
     monkeypatch.setattr(sw, "run_point", lambda r, c, p, dev="cpu": calls.append(p) or real(r, c, p, dev))
     res = _cli(recipe_file, "--widths", "16,32", "--lrs", "0.003,0.01,0.03,1e4", "--json", "out/s2.json")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output
     assert sorted((c.parametrization, c.width, c.value) for c in calls) == sorted(
         [("mup", 16, 0.01), ("mup", 32, 0.01), ("sp", 32, 0.01)])  # SP at the proxy: muP's twin
     d2 = json.loads((tmp_path / "out/s2.json").read_text())
@@ -141,7 +145,7 @@ def test_sweep_writes_json_and_png_records_divergence_and_caches(recipe_file, tm
     # a different setup (steps) does not reuse the cache
     calls.clear()
     assert _cli(recipe_file, "--widths", "16", "--lrs", "0.003", "--steps", "6",
-                "--parametrization", "mup").exit_code == 0
+                "--parametrization", "mup").exit_code == 3         # one width: nothing to transfer to
     assert len(calls) == 1
     assert len(list((tmp_path / "runs/tiny-sweep/sweep").glob("*/*.json"))) == 17  # both setups kept
 
@@ -197,8 +201,31 @@ def test_a_crashing_point_is_reported_and_not_cached(recipe_file, tmp_path):
     p = tmp_path / "crashy.yaml"
     p.write_text(yaml.safe_dump({**TINY, "name": "crashy", "model": {**TINY["model"], "factory": "crashy:model"}}))
     res = _cli(p, "--widths", "16,32", "--lrs", "0.03", "--parametrization", "mup", "--json", "c.json")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output                       # width 32 has no loss: inconclusive
     assert "1 point(s) failed" in res.output and "boom at 32" in res.output
     d = json.loads((tmp_path / "c.json").read_text())
     assert d["results"]["mup"]["32"]["losses"] == [None] and d["results"]["mup"]["16"]["losses"][0] is not None
     assert [f.name for f in (tmp_path / "runs/crashy/sweep").glob("*/*.json")] == ["mup-w16-lr0.03-s0.json"]
+
+
+@pytest.mark.slow
+def test_builtin_mlp_transfer_holds_under_mup_and_fails_under_sp(tmp_path, monkeypatch):
+    """The transfer verdict on real runs: the built-in MLP, widths 16 and 256, 3 seeds, 40 steps."""
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "mlp.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "name": "mlp-transfer",
+                                 "train": {**TINY["train"], "steps": 40, "batch_size": 16}}))
+    lrs = ",".join(str(2.0 ** k) for k in range(-6, 0))
+    res = _cli(p, "--widths", "16,256", "--lrs", lrs, "--seeds", "3", "--json", "t.json")
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-2].startswith("μP: transfer holds: optimum lr drift") and "regret at width 256" in lines[-2]
+    assert any(ln.startswith("SP: transfer fails") for ln in lines)
+    d = json.loads((tmp_path / "t.json").read_text())
+    mup, sp = d["transfer"]["mup"], d["transfer"]["sp"]
+    assert mup["verdict"] == "holds" and sp["verdict"] == "fails"
+    assert abs(mup["drift"]["octaves"]) < 1 and mup["regret"]["interval"][1] <= 0.02
+    assert sp["drift"]["octaves"] < -2                      # SP's optimum LR falls with width
+    # the SP arm alone (read back from the cache): the verdict follows it, exit 1
+    res = _cli(p, "--widths", "16,256", "--lrs", lrs, "--seeds", "3", "--parametrization", "sp")
+    assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith("SP: transfer fails")

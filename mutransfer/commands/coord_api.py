@@ -13,22 +13,14 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Optional
 
-from ..run.coord import Probe, Recorder, Result, Run, Settings, verdict
-from ..run.coord_spectral import SpectralRecorder
+from ..run.coord_measure import ROOT, Settings, loop_steps, measure_model, user_steps
+from ..run.coord_verdict import Result, matrix_fans, verdict
 from ..engine.hparams import HParams
 from ..engine.parametrize import parametrize
 from ..engine.plan import MUP
 from ..engine.shapes import infer_shapes
-from ..run.train import TrainConfig, train
+from ..run.train import TrainConfig
 
-
-def _changes(factory, args, base, widths, example) -> list[tuple[str, int, int]]:
-    branch: dict[str, list] = {}
-    for w in widths:
-        for n, p in infer_shapes(factory, args, base, w, warn=False, example=example).params.items():
-            if p.role in ("input", "hidden", "output"):
-                branch.setdefault(n, []).append((w, p.fan_out >= p.fan_in))
-    return [(n, a[0], b[0]) for n, seq in branch.items() for a, b in zip(seq, seq[1:]) if a[1] != b[1]]
 
 
 def coord_check(factory: Callable, widths: list[int], *, batches: list, steps: int = 5, seeds: int = 1,
@@ -38,7 +30,7 @@ def coord_check(factory: Callable, widths: list[int], *, batches: list, steps: i
                 train_step: Optional[Callable] = None) -> Result:
     """Train `factory(width=w, **args)` (parametrized relative to base_width, default the smallest
     width) for `steps` steps at every width and seed, probe every step, and judge. Returns a Result
-    (`.verdict` "ok" | "blowup", `.rows`, `.findings`, `.to_json()`)."""
+    (`.verdict` "ok" | "blowup" | "inconclusive", `.exit_code`, `.rows`, `.findings`, `.to_json()`)."""
     widths = sorted(set(widths))
     if len(widths) < 2:
         raise ValueError("coord_check needs at least 2 widths")
@@ -54,23 +46,9 @@ def coord_check(factory: Callable, widths: list[int], *, batches: list, steps: i
         for k in range(seeds):
             model, opt, plan = parametrize(factory, w, base, hp, optimizer, args, seed=k,
                                            parametrization=parametrization, example=x)
-            rec, spec = Recorder(Probe(model, x, output)), SpectralRecorder(model, plan)
-            cbs = [rec] + ([spec] if k == 0 else [])
             data = itertools.cycle(batches)
-            if train_step is None:
-                state = train(model, opt, data, TrainConfig(steps=steps, loss=loss, log_every=steps, output=output),
-                              callbacks=cbs)
-                diverged, reason = state.diverged, state.reason
-            else:
-                for cb in cbs:
-                    cb.on_start(None)
-                model.train()
-                for _ in range(steps):
-                    train_step(model, opt, next(data))
-                    rec.on_step(None)
-                if k == 0:
-                    spec.on_end(None)
-                diverged, reason = False, ""
-            runs.append(Run(w, k, rec.records, diverged, reason, dict(rec.probe.static),
-                            dict(spec.values) if k == 0 else {}))
-    return verdict(runs, s, _changes(factory, args, base, widths, x))
+            fit = (loop_steps(model, opt, data, TrainConfig(steps=steps, loss=loss, log_every=steps, output=output))
+                   if train_step is None else user_steps(model, opt, data, steps, train_step))
+            runs.append(measure_model(model, plan, x, output, w, k, fit))
+    fans = matrix_fans({w: infer_shapes(factory, args, base, w, warn=False, example=x) for w in widths})
+    return verdict(runs, s, fans, ROOT)

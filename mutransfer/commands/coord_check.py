@@ -24,7 +24,9 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
                         console: Optional[Console] = None, depths: Optional[str] = None,
                         width: Optional[int] = None) -> int:
     """`mutransfer coord-check`: settings, measurement with a progress bar, table, files. Returns the
-    exit code: 0 nothing flagged, 1 blowup. Bad input raises UserError before any training."""
+    exit code (docs/verdicts.md): 0 ok, 1 blowup (something confidently wrong), 3 inconclusive (the
+    seeds are too few to decide; the verdict line says how many to rerun with). Bad input raises
+    UserError (exit 2) before any training."""
     if depths is not None:
         if widths is not None:
             raise UserError("--depths", "give --depths or --widths, not both")
@@ -58,4 +60,4 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
     if plot_path:
         plot(res, plot_path)
         say(f"wrote {plot_path}", highlight=False, soft_wrap=True)
-    return 1 if res.verdict == "blowup" else 0
+    return res.exit_code

@@ -5,13 +5,11 @@ Each grid point (parametrization, width, value, seed) is one short run through e
 train.train(). Its loss is the training loss averaged over the last `average_last` steps (as in TP5,
 which plots training loss; the built-in streams draw fresh random batches, so the training loss is
 not a memorised-batch loss). A point is cached as one JSON file under runs/<name>/sweep/<fingerprint>/
-(the fingerprint hashes everything else that changes the result), written atomically when it finishes, so an interrupted or repeated sweep skips what is done. A diverged point
+(the fingerprint hashes everything else that changes the result; run/result_cache.py: one key scheme and integrity check with coord-check), written atomically when it finishes, so an interrupted or repeated sweep skips what is done. A diverged point
 (a non-finite loss, or a loss above `divergence_factor` x its first) is kept with a null loss.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import signal
 import time
@@ -32,7 +30,9 @@ from ..threads import choose as threads_choose
 from ..errors import UserError
 from ..engine.hparams import MULTIPLIER_NAMES
 from ..run.recipe import Recipe, recipe_to_dict
-from ..report.sweep_fit import Optimum, drift, mean_or_none, optimum, shared_index, wider_is_better
+from ..run.result_cache import ResultCache, cache_key
+from ..report.sweep_fit import (Optimum, TRANSFER_EXIT, drift, mean_or_none, optimum, shared_index, transfer,
+                                transfer_line, wider_is_better)
 
 PARAMETRIZATIONS = ("mup", "sp")
 # tunables a sweep can vary: positive numbers, so a log2 axis makes sense
@@ -274,7 +274,7 @@ def fingerprint(recipe: Recipe, cfg: SweepConfig) -> str:
         d["sweep_run"].update({"along": cfg.along, "fixed_width": cfg.fixed_width, "equal": cfg.equal,
                                "measured": [list(m) for m in cfg.measured]})
         d["sweep_run"].pop("average_last")      # per point: 10% of its own run
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_key(d)         # the one key scheme of coord-check and sweep (run/result_cache.py)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -366,12 +366,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def load_cached(path: Path, fp: str) -> Optional[dict]:
-    """A finished point's record, or None if absent, unreadable or from a different setup."""
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) and d.get("fingerprint") == fp else None
+    """A finished point's record, or None if absent, unreadable, altered or from a different setup."""
+    d = ResultCache.in_folder(path.parent, fp).load(path.name)
+    return d if d is not None and d.get("fingerprint") == fp else None
+
+
+def store(path: Path, fp: str, rec: dict) -> None:
+    """Save a finished point's record with the cache's key and checksum (run/result_cache.py)."""
+    ResultCache.in_folder(path.parent, fp).save(path.name, rec)
 
 
 def _run_and_store(recipe: Recipe, cfg: SweepConfig, point: Point, path: str, fp: str, device: str,
@@ -389,7 +391,7 @@ def _run_and_store(recipe: Recipe, cfg: SweepConfig, point: Point, path: str, fp
                 "value": point.value, "seed": point.seed, "loss": None, "diverged": False,
                 "error": f"{type(e).__name__}: {e}"}
     rec["fingerprint"] = fp
-    write_json_atomic(Path(path), rec)
+    store(Path(path), fp, rec)
     return rec
 
 
@@ -472,7 +474,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
                     raise
         for p, t in twins.items():
             rec = dict(results[t], parametrization="sp")
-            write_json_atomic(cache_dir / p.filename(cfg.param), rec)
+            store(cache_dir / p.filename(cfg.param), fp, rec)
             done(p, rec)
     return results
 
@@ -499,6 +501,8 @@ def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
             optima.append(o.log2)
             curves.append(losses)
         out["results"][par] = per_w
+        out.setdefault("transfer", {})[par] = transfer(xs, {w: [[results[Point(par, w, v, s)]["loss"] for v in cfg.values]
+                                                           for s in range(cfg.seeds)] for w in cfg.widths})
         out["drift_octaves"][par] = drift(optima)
         out["at_edge"][par] = [w for w in cfg.widths if per_w[str(w)]["at_edge"]]
         j = shared_index(curves)
@@ -517,6 +521,9 @@ def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
                 str(w): (None if g is None else 100 * g) for w, g in
                 ((w, transfer_gap(xs, ref, c)) for w, c in zip(cfg.widths, curves))}
     out["verdict"] = verdict(out, cfg)
+    rule = "mup" if "mup" in out["transfer"] else cfg.parametrizations[0]
+    out["transfer_verdict"] = {"arm": rule, "verdict": out["transfer"][rule]["verdict"],
+                               "exit_code": TRANSFER_EXIT[out["transfer"][rule]["verdict"]]}
     out["axis"] = cfg.axis
     if cfg.depth_width:      # the same check, named for depth (losses keyed by depth)
         out["deeper_is_better"] = out["wider_is_better"]
@@ -623,6 +630,9 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
                          for par, g in summary.get("transfer_gap_pct", {}).items())
         console.print(f"loss at {cfg.axis} {top} with the {cfg.param} transferred from {cfg.reference}, over that "
                       f"{cfg.axis}'s best: {gaps}", highlight=False)
+    gate = summary["transfer_verdict"]["arm"]     # the transfer verdict, the rule's arm last (the line to gate on)
+    for par in [p for p in cfg.parametrizations if p != gate] + [gate]:
+        console.print(transfer_line(summary["transfer"][par], arm(cfg, par), cfg.param, cfg.axis), highlight=False)
 
     if json_path:
         write_json_atomic(Path(json_path), {"written_by": marker("sweep results"), **summary})
@@ -640,7 +650,7 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
     failed = all(r["loss"] is None for r in results.values())
     if failed:
         console.print("[red]every grid point diverged or failed[/]")
-    return summary, 1 if failed else 0
+    return summary, 1 if failed else summary["transfer_verdict"]["exit_code"]
 
 
 def sweep_command(recipe_path: Path, widths: Optional[str] = None, lrs: Optional[str] = None,

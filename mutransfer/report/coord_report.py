@@ -18,7 +18,8 @@ from ..run import coord
 from ..run.coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings, to_json
 from ..outputs_guard import marker
 
-COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta"}
+COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta",
+           "inconclusive": "bold yellow"}
 
 
 @contextlib.contextmanager
@@ -50,7 +51,7 @@ def note(row) -> str:
         return "updates shrink with width (kernel-like)"
     if row.flag == "mis-scaled":
         return "norm departs from √(fan_out/fan_in)"
-    return ""
+    return row.why
 
 
 def render(res: Result, console: Optional[Console] = None, limit: Optional[int] = None) -> None:
@@ -65,12 +66,13 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
     for w in s.widths:
         t.add_column(f"{'d' if s.depth_width else 'w'}={w}", justify="right")
     t.add_column("slope", justify="right")
-    t.add_column("± seeds", justify="right")
+    t.add_column(f"± {coord.Z:g} se", justify="right")
     t.add_column("verdict", no_wrap=True)
     rows = res.worst_first
     for r in rows[:limit] if limit else rows:
         c = COLOURS[r.flag]
-        t.add_row(r.name, r.statistic, *(f"{v:.3g}" for v in r.values), _fmt(r.slope), f"{r.spread:.2f}",
+        unc = "-" if r.se != r.se or not math.isfinite(r.slope) else f"{coord.Z * r.se:.2f}"
+        t.add_row(r.name, r.statistic, *(f"{v:.3g}" for v in r.values), _fmt(r.slope), unc,
                   f"[{c}]{r.flag}[/]")
     console.print(t)
     for d in res.diverged:
@@ -81,25 +83,33 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
         console.print(f"[cyan]regime change[/] {n}", highlight=False)
     ns = sum(r.flag == "mis-scaled" for r in res.rows)
     if ns:
-        console.print(f"[bold magenta]mis-scaled[/]: {ns} parameter norm(s) (‖W₀‖ at init, ‖ΔW‖ after the steps, "
-                      "divided by √(fan_out/fan_in) of the traced layout) move with width: slope beyond "
-                      f"±{coord.SPECTRAL_SLOPE:.2f}", highlight=False)
+        console.print(f"[bold magenta]mis-scaled[/]: {ns} parameter norm(s) (‖W₀‖ at init, the update ‖ΔW·x‖ on the "
+                      "probe inputs (or ‖ΔW‖), divided by √(fan_out/fan_in) of the traced layout) move with width: "
+                      f"slope beyond ±{coord.SPECTRAL_SLOPE:.2f} by more than the uncertainty", highlight=False)
     nb = sum(r.flag == "blowup" for r in res.rows)
     nv = sum(r.flag == "vanishing" for r in res.rows)
+    incon = [r for r in res.worst_first if r.flag == "inconclusive"]
     if nv:
         console.print("[yellow]vanishing[/]: updates that shrink with width, as in the kernel regime: some "
                       "layer's LR scaling is too small, or (often at small widths with a large LR or many "
                       "steps) the narrow models move more than the limit; compare t = 1 (--json series). "
                       "Shrinking act (muP readouts, 1/d attention logits at init) is expected and not flagged.",
                       highlight=False)
+    for r in incon[:5]:
+        console.print(f"[bold yellow]inconclusive[/] {r.name} {r.statistic}: {r.why}", highlight=False)
+    band = f"slope ± {coord.Z:g} standard errors (seeds and fit)"
     if res.verdict == "ok":
-        console.print(f"[green]verdict: ok[/] (no slope above {BLOWUP_SLOPE:+.2f})"
+        console.print(f"[green]verdict: ok[/] (no {band} above {BLOWUP_SLOPE:+.2f})"
                       + (f"; [yellow]{nv} vanishing-update warning(s)[/] (slope below {VANISH_SLOPE:+.2f})" if nv else ""))
+    elif res.verdict == "inconclusive":
+        console.print(f"[bold yellow]verdict: {res.verdict_line}[/] ({len(incon)} row(s) whose {band} straddles "
+                      f"the threshold; nothing confidently wrong)", highlight=False)
     else:
-        why = [f"{nb} statistic(s) with slope above {BLOWUP_SLOPE:+.2f}"] if nb else []
+        why = [f"{nb} statistic(s) with slope above {BLOWUP_SLOPE:+.2f} beyond the uncertainty"] if nb else []
         why += [f"{ns} mis-scaled parameter(s)"] if ns else []
         why += [f"{len(res.findings)} attention-scale finding(s)"] if res.findings else []
         why += ["a run diverged"] if res.diverged else []
+        why += [f"{len(incon)} more inconclusive"] if incon else []
         console.print(f"[bold red]verdict: blowup[/] ({', '.join(why)})")
 
 
@@ -127,11 +137,11 @@ def _extra_panels(res: Result, axes, colour: dict, legend: set) -> list:
         if len(pts) < 2:
             continue
         bad = r.flag in ("blowup", "mis-scaled")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if r.statistic != "‖ΔW‖" else "--", marker="o", ms=3,
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if r.statistic == "‖W₀‖" else "--", marker="o", ms=3,
                 lw=2.6 if bad else 0.9, color=colour.get(r.name, "grey"), label=r.name if r.name in legend else None)
     top.set_title("attention logits (act —, update --)" + (" ⚠ scale" if res.findings else ""), fontsize=10,
                   color="red" if res.findings else "black")
-    bottom.set_title("spectral: ‖W₀‖, ‖ΔW‖ ÷ √(fan_out/fan_in)", fontsize=10)
+    bottom.set_title("spectral: ‖W₀‖ —, update ‖ΔW·x‖/‖x‖ -- ÷ √(fan_out/fan_in)", fontsize=10)
     for ax in (top, bottom):
         if not ax.lines:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
@@ -179,7 +189,7 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
                 if len(pts) < 2:
                     continue
                 lw, style = ((2.6, "-") if r.flag in ("blowup", "mis-scaled")
-                             else ((1.6, "--") if r.flag == "vanishing" else (0.9, ":")))
+                             else ((1.6, "--") if r.flag in ("vanishing", "inconclusive") else (0.9, ":")))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, lw=lw,
                         color=colour[r.name], label=r.name if r.name in worst else None)
             ax.set_xscale("log", base=2)
@@ -202,8 +212,8 @@ def plot(res: Result, path: Path, max_legend: int = 12) -> None:
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, loc="center right", fontsize=8, title=f"modules (worst {len(labels)})")
-    fig.suptitle(f"coord-check: {s.parametrization}, {s.optimizer}, lr {s.lr:g} - verdict {res.verdict}",
-                 color="red" if res.verdict == "blowup" else "black")
+    fig.suptitle(f"coord-check: {s.parametrization}, {s.optimizer}, lr {s.lr:g}, {s.seeds} seed(s) - verdict "
+                 f"{res.verdict_line}", color={"blowup": "red", "inconclusive": "darkorange"}.get(res.verdict, "black"))
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4.2 * (ncol + 1) + 2.5), 0.96))
 
     def w(tmp):

@@ -1,5 +1,6 @@
 """The sweep's figure (TP5 Fig. 1 style): one panel per parametrization, loss against log2 of the swept
-value, one curve per width coloured by width, each width's fitted optimum marked, diverged points as x."""
+value, one curve per width coloured by width, each width's fitted optimum marked with its interval shaded,
+diverged points as x, and each panel's transfer verdict (report/sweep_fit.transfer) in its title."""
 from __future__ import annotations
 
 import math
@@ -54,17 +55,28 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
             b = d.get(best_key)
             if b is not None:
                 ax.axvline(b, color=color[w], lw=0.8, ls=":")
+            iv = summary.get("transfer", {}).get(par, {}).get("optima", {}).get(str(w), {}).get("interval")
+            if iv and b is not None:      # the optimum's interval (report/sweep_fit.transfer), clipped to the grid
+                lo = min(xs) if iv[0] is None else max(iv[0], min(xs))
+                hi = max(xs) if iv[1] is None else min(iv[1], max(xs))
+                if hi > lo:
+                    ax.axvspan(lo, hi, color=color[w], alpha=0.10, lw=0)
         dr = summary.get("drift_octaves", {}).get(par)
         name = ({"mup": "depth rule", "sp": "no depth rule"}.get(par, par) if summary.get("axis") == "depth"
                 else LABEL.get(par, par))
-        ax.set_title(name + ("" if dr is None else f" — optimum drift {dr:.2f} octaves"))
+        t = summary.get("transfer", {}).get(par)
+        verdict = "" if t is None else f"\ntransfer {t['verdict']}" + (
+            "" if not t.get("regret") or t["regret"]["value"] is None else f" (regret {t['regret']['value']:.1%} at {t['regret']['at']})")
+        ax.set_title(name + ("" if dr is None else f" — optimum drift {dr:.2f} octaves") + verdict,
+                     fontsize=10, color={"fails": "red", "inconclusive": "darkorange"}.get(t and t["verdict"], "black"))
         ax.set_xlabel(f"log2 {param}")
         ax.set_ylim(ylo, yhi)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (mean of last steps)")
     axes[0][-1].legend(fontsize=8, loc="best")
     if title:
-        fig.suptitle(title + "   (dotted: fitted optimum; x: diverged; △: above the plotted range)", fontsize=10)
+        fig.suptitle(title + "   (dotted: fitted optimum, shaded: its 90% interval; x: diverged; △: above the plotted range)",
+                     fontsize=10)
     fig.tight_layout()
     try:
         return write_via(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, metadata={"Software": marker("sweep plot")}))
