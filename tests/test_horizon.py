@@ -222,7 +222,7 @@ def test_sweep_horizons_both_arms(tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**TINY, "target": {"horizon_exponent": 0.5}}))
     res = CliRunner().invoke(app, ["sweep", "r.yaml", "--horizons", "12,24", "--lrs", "0.003,0.01,0.03",
                                    "--device", "cpu", "--json", "h.json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output          # one seed: the transfer verdict is inconclusive (exit 3)
     d = json.loads((tmp_path / "h.json").read_text())
     assert d["axis"] == "horizon" and set(d["drift_octaves"]) == {"mup", "sp"}
     assert "longer_is_better" in d and set(d["transfer_gap_pct"]["mup"]) == {"12", "24"}
@@ -240,7 +240,7 @@ def test_sweep_batch_sizes_equal_samples(tmp_path, monkeypatch):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(TINY))
     res = CliRunner().invoke(app, ["sweep", "r.yaml", "--batch-sizes", "8,16", "--equal", "samples",
                                    "--lrs", "0.01,0.03", "--device", "cpu", "--json", "b.json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 3, res.output          # one seed: the transfer verdict is inconclusive (exit 3)
     d = json.loads((tmp_path / "b.json").read_text())
     assert d["axis"] == "batch" and d["equal"] == "samples" and "larger_batch_not_worse" in d
 
