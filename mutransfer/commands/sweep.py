@@ -502,7 +502,8 @@ def summarize(results: dict[Point, dict], cfg: SweepConfig) -> dict:
             curves.append(losses)
         out["results"][par] = per_w
         out.setdefault("transfer", {})[par] = transfer(xs, {w: [[results[Point(par, w, v, s)]["loss"] for v in cfg.values]
-                                                           for s in range(cfg.seeds)] for w in cfg.widths})
+                                                           for s in range(cfg.seeds)] for w in cfg.widths},
+                                                       proxy=cfg.reference)
         out["drift_octaves"][par] = drift(optima)
         out["at_edge"][par] = [w for w in cfg.widths if per_w[str(w)]["at_edge"]]
         j = shared_index(curves)

@@ -157,9 +157,10 @@ def _regret(curve_p: list[Optional[float]], curve_w: list[Optional[float]]) -> O
 
 def transfer(xs: Sequence[float], seed_curves: dict[int, list[list[Optional[float]]]],
              regret_tol: float = REGRET_TOL, drift_tol: float = DRIFT_TOL, level: float = LEVEL,
-             resamples: int = BOOTSTRAP) -> dict:
+             resamples: int = BOOTSTRAP, proxy: Optional[int] = None) -> dict:
     """The transfer verdict of one arm. seed_curves: width -> per seed, the losses over xs (None
-    where diverged). Returns plain JSON data (see the block comment above)."""
+    where diverged); proxy: the axis value tuned on (default the smallest), transferred to the largest
+    (the smallest if the proxy is the largest). Returns plain JSON data (see the block comment above)."""
     import random
 
     widths = sorted(seed_curves)
@@ -184,7 +185,8 @@ def transfer(xs: Sequence[float], seed_curves: dict[int, list[list[Optional[floa
     if len(widths) < 2:
         return _json_safe({**out, "verdict": "inconclusive", "why": "needs at least 2 widths", "drift": None,
                            "regret": None})
-    p, w = widths[0], widths[-1]
+    p = proxy if proxy in seed_curves else widths[0]
+    w = widths[-1] if widths[-1] != p else widths[0]
     op, ow = per_width[str(p)], per_width[str(w)]
     drift_pt = None if op["optimum"] is None or ow["optimum"] is None else ow["optimum"] - op["optimum"]
     d_lo = ow["interval"][0] - op["interval"][1]
