@@ -99,7 +99,7 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
         console.print(f"[bold yellow]inconclusive[/] {r.name} {r.statistic}: {r.why}", highlight=False)
     band = f"slope ± {coord.Z:g} standard errors (seeds and fit)"
     if res.verdict == "ok":
-        console.print(f"[green]verdict: ok[/] (no {band} above {BLOWUP_SLOPE:+.2f})"
+        console.print(f"[green]verdict: ok[/] (no slope above {BLOWUP_SLOPE:+.2f} that keeps growing; {band})"
                       + (f"; [yellow]{nv} vanishing-update warning(s)[/] (slope below {VANISH_SLOPE:+.2f})" if nv else ""))
     elif res.verdict == "inconclusive":
         console.print(f"[bold yellow]verdict: {res.verdict_line}[/] ({len(incon)} row(s) whose {band} straddles "
