@@ -143,8 +143,8 @@ def scale(
         from .commands.scale import horizon_line, horizon_of
         from .run.experiment import target_run
         hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))
-        if not hz.identity:
-            make_console(highlight=False).print(horizon_line(hz))
+        if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
+            make_console(highlight=False).print(horizon_line(hz, r))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth,

@@ -142,12 +142,14 @@ def horizon_of(recipe: Recipe, src: HParamsSource, steps: int, batch: int):
     return experiment.horizon_factors(recipe, steps, batch, p_steps, p_batch, measured)
 
 
-def horizon_line(hz) -> str:
+def horizon_line(hz, recipe: Optional[Recipe] = None) -> str:
     """One line: what the horizon and batch axes do to the proxy's settings."""
     p, t = hz.proxy, hz.target
     if hz.exponent_source == "off":
-        return (f"[bold]horizon[/]: {p.steps} -> {t.steps} steps, batch {p.batch} -> {t.batch}; "
-                "target.rules is off: the proxy's LR, decay and warmup are kept")
+        why = ("target.rules is off" if recipe is None or recipe.target is not None else
+               "the recipe has no target: section (docs/horizon.md moves them by rule)")
+        return (f"[yellow]horizon[/]: {p.steps} -> {t.steps} steps, batch {p.batch} -> {t.batch}; {why}: "
+                "the proxy's LR, decay and warmup are kept")
     src = {"measured": "measured on the proxy", "recipe": "from the recipe",
            "default": "the default; not measured on this proxy (target.measure)"}[hz.exponent_source]
     return (f"[bold]horizon[/]: {p.steps} -> {t.steps} steps (LR x{hz.horizon_lr:.3g}, exponent {hz.horizon_exponent:.3g}, "
@@ -291,8 +293,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         out_console.print(msg, highlight=False, soft_wrap=True)
 
     say(f"[bold]hparams[/]: {src.source}")
-    if not hz.identity:
-        say(horizon_line(hz))
+    if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
+        say(horizon_line(hz, recipe))
     if o.resume and ckpt is None:
         say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
     if ckpt is not None:

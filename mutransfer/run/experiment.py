@@ -317,10 +317,14 @@ def horizon_factors(recipe: Recipe, steps: int, batch: int, proxy_steps: Optiona
                     rules_on: Optional[bool] = None) -> horizon_rule.Factors:
     """The horizon and batch factors from the proxy's run (the hparams file's steps and batch, else
     the recipe's train section) to (steps, batch). measured: the hparams file's `horizon` section.
-    rules_on overrides target.rules (sweep's control arm)."""
+    rules_on overrides target.rules (sweep's two arms). Without a `target:` section the rules are off
+    (the proxy's settings kept, as before the horizon axis existed) unless rules_on is True."""
     t = recipe.target
-    rules = horizon_rule.Rules() if t is None else horizon_rule.Rules(
+    # without a target: section nothing changes (the rules are off) unless rules_on says otherwise
+    rules = horizon_rule.Rules(enabled=False) if t is None else horizon_rule.Rules(
         t.horizon_exponent, t.batch_exponent, t.decay, t.warmup, t.eps, t.betas, t.rules)
+    if t is None and rules_on:
+        rules = horizon_rule.Rules()
     if rules_on is not None:
         rules = horizon_rule.Rules(**{**rules.__dict__, "enabled": rules_on})
     m = measured or {}
