@@ -17,7 +17,7 @@ import yaml
 
 from mutransfer import atomic
 from mutransfer.cli import main
-from mutransfer.run.recipe import resolve_factory
+from mutransfer.run.user_code import resolve_factory
 from mutransfer.commands.scale import RunLock
 from mutransfer.run.study import open_storage, repair_journal
 from mutransfer.commands.sweep import Point
@@ -162,13 +162,12 @@ def test_sweep_values_closer_than_six_digits_do_not_share_a_cache_file():
 
 # ------------------------------------------------------------------------- security, containment
 
-def test_cwd_is_on_sys_path_only_while_the_factory_module_is_imported(tmp_path, monkeypatch):
+def test_cwd_goes_after_the_installed_packages_on_sys_path(tmp_path, monkeypatch):
     (tmp_path / "usermod.py").write_text("def f(width):\n    return width\n")
     monkeypatch.chdir(tmp_path)
-    while str(tmp_path) in sys.path:
-        sys.path.remove(str(tmp_path))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert resolve_factory("usermod:f", "model.factory", {})(width=3) == 3
-    assert str(tmp_path) not in sys.path
+    assert sys.path[-1] == str(tmp_path)       # after site-packages: importable, never shadowing
 
 
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b"])

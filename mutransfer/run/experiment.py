@@ -18,7 +18,8 @@ from ..engine.outputs import OutputError, check_against_targets, select
 from ..engine.parametrize import Parametrized, parametrize
 from ..engine import horizon as horizon_rule
 from ..engine.plan import MUP
-from .recipe import Recipe, accepts, depth_arg, resolve_factory
+from .recipe import Recipe, depth_arg
+from .user_code import accepts, resolve_factory
 from ..engine.shapes import Shapes, infer_shapes
 from .train import TrainConfig
 
@@ -59,17 +60,22 @@ def depth_rule(recipe: Recipe, base_depth: Optional[int] = None, use_rule: bool 
     return (base, d, recipe.depths.alpha) if use_rule else (d, d, recipe.depths.alpha)
 
 
+def recipe_dirs(recipe: Recipe) -> list:
+    """Folders the recipe's own code is looked up in besides the working directory: the recipe's."""
+    return [recipe.path.resolve().parent] if recipe.path is not None else []
+
+
 def model_factory(recipe: Recipe) -> Callable:
     if hf.is_hf(recipe.model.factory):
         return hf.make_factory(recipe.model)
-    fn = resolve_factory(recipe.model.factory, "model.factory", BUILTIN_MODELS)
+    fn = resolve_factory(recipe.model.factory, "model.factory", BUILTIN_MODELS, recipe_dirs(recipe))
     if not accepts(fn, "width"):
         raise UserError("model.factory", f"{recipe.model.factory!r} does not take a `width` argument")
     return fn
 
 
 def data_factory(recipe: Recipe) -> Callable:
-    fn = resolve_factory(recipe.data.factory, "data.factory", BUILTIN_DATA)
+    fn = resolve_factory(recipe.data.factory, "data.factory", BUILTIN_DATA, recipe_dirs(recipe))
     for a in ("batch_size", "seed"):
         if not accepts(fn, a):
             raise UserError("data.factory", f"{recipe.data.factory!r} does not take a `{a}` argument")

@@ -21,7 +21,7 @@ from ..atomic import write_text
 from ..errors import UserError
 from ..outputs_guard import marker
 from ..engine.hparams import TUNABLE_NAMES, HParams
-from .recipe import load_yaml
+from ..yaml_io import load_yaml
 
 REQUIRED = ("proxy_width", "optimizer", "hparams")
 

@@ -5,16 +5,13 @@ Later sections (search, coord_check, sweep) are declared here too so that one sc
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import sys
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
+from ..yaml_io import load_yaml
 from ..engine.hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
 
 LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed")
@@ -420,124 +417,12 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return r
 
 
-MAX_NODES = 100_000        # nodes after expanding aliases: anchors are convenient, a "billion laughs" bomb is not
-MAX_DEPTH = 100
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys in one mapping, documents that expand (through aliases)
-    to more than MAX_NODES nodes (the memory bomb), and nesting deeper than MAX_DEPTH."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self._sizes: dict[int, int] = {}    # id(node) -> nodes it expands to
-        self._depth = 0
-
-    def compose_node(self, parent, index):
-        alias = self.check_event(yaml.AliasEvent)
-        mark = self.peek_event().start_mark
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise yaml.constructor.ConstructorError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        if not alias:
-            kids = node.value if isinstance(node, yaml.SequenceNode) else (
-                [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else [])
-            size = 1 + sum(self._sizes.get(id(k), 1) for k in kids)
-            self._sizes[id(node)] = size
-            if size > MAX_NODES:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"expands to more than {MAX_NODES:,} nodes through its aliases (*name)", mark)
-        return node
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(path: str | Path, what: str) -> Any:
-    """A YAML file's content; UserError naming the file (and line) if it is missing or unreadable.
-    `what` names the file's kind in the message ("recipe", "hparams")."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(str(p), f"{what} file not found")
-    try:
-        return yaml.load(p.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise UserError(where, f"unreadable YAML ({getattr(e, 'problem', None) or e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(str(p), f"cannot read file ({e})") from None
-    except RecursionError:
-        raise UserError(str(p), "unreadable YAML (nested too deeply)") from None
-
-
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     data = load_yaml(p, "recipe")
     r = parse_recipe(data, str(p))
     r._path = p
     return r
-
-
-def resolve_factory(spec: str, field: str, builtins: dict[str, Callable]) -> Callable:
-    """'builtin:NAME' or 'package.module:function' -> the callable (cwd is on sys.path)."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in builtins:
-            raise UserError(field, f"unknown builtin {name!r}; known: {', '.join(sorted(builtins))}")
-        return builtins[name]
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
-        raise UserError(field, f"{spec!r} is not 'package.module:function'")
-    # the working directory is on sys.path only while the named module is imported: afterwards a
-    # ./matplotlib.py (or any other file there) cannot shadow what mutransfer imports later
-    cwd = str(Path.cwd())
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        mod = importlib.import_module(mod_name)
-    except SystemExit as e:
-        raise UserError(field, f"importing module {mod_name!r} called sys.exit({e.code!r})") from None
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
-        raise UserError(field, f"cannot import module {mod_name!r} ({type(e).__name__}: {e})") from None
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-    obj = mod
-    for part in fn_name.split("."):
-        if not hasattr(obj, part):
-            raise UserError(field, f"module {mod_name!r} has no attribute {fn_name!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(field, f"{spec!r} is not callable")
-    return obj
-
-
-def accepts(fn: Callable, name: str) -> bool:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return True
-    return name in sig.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
-    )
 
 
 def recipe_to_dict(r: Recipe) -> dict:
