@@ -3,5 +3,6 @@ NAME(batch_size=..., seed=..., split="train"|"val", **args) and returns an infin
 (inputs, targets)."""
 from .bytes import pysource, text
 from .synthetic import images, vectors
+from .tokenized import tokens
 
-BUILTIN_DATA = {"pysource": pysource, "text": text, "vectors": vectors, "images": images}
+BUILTIN_DATA = {"pysource": pysource, "text": text, "vectors": vectors, "images": images, "tokens": tokens}
