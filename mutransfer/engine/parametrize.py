@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from . import optimizers
 from .branches import BranchScale
 from .muon import MuonAdamW
 from ..errors import UserError
@@ -155,6 +156,9 @@ def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
 
 def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Optional[torch.device] = None,
                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    spec = optimizers.get(optimizer)
+    if spec is not None:                 # a class named in train.optimizer (engine/optimizers.py)
+        return optimizers.build(groups, spec, hp)
     if fused is None:
         fused = device is not None and torch.device(device).type == "cuda"
     kw: dict[str, Any] = {}

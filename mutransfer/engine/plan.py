@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 from . import depth as depth_rule
 from . import horizon as horizon_rule
-from . import spectral
+from . import optimizers, spectral
 from ..errors import UserError
 from .hparams import HParams
 from .shapes import Shapes
@@ -162,12 +162,12 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     (at_horizon); the per-parameter rules then compose with it by multiplication."""
     if horizon is not None:
         hp = at_horizon(hp, horizon)
-    if optimizer not in spectral.OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+    rules = optimizers.family(optimizer)     # a built-in's name, or a named class's update family
     if parametrization not in (MUP, SP):
         raise ValueError(f"unknown parametrization {parametrization!r}")
-    muon = optimizer == spectral.MUON
-    opt_rules = spectral.ADAMW if muon else optimizer     # everything Muon does not update is AdamW's
+    muon = rules == spectral.MUON
+    opt_rules = spectral.ADAMW if muon else rules     # everything Muon does not update is AdamW's
+    relative = optimizers.relative_step(optimizer)   # Adafactor-like: the class scales updates by RMS(W)
     adam = opt_rules in (spectral.ADAM, spectral.ADAMW)
     globs = [] if isinstance(factory_init, bool) else list(factory_init)
     for g in globs:
@@ -186,6 +186,8 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
         base_fans, fans = (s.base_fan_in, s.base_fan_out), (s.fan_in, s.fan_out)
         if parametrization == MUP:
             std_r, lr_r, eps_r = spectral.ratios(base_fans, fans, opt_rules)
+            if relative:
+                lr_r /= std_r        # spectral.UPDATE_KINDS "relative": entries ~ lr x init std
         else:
             std_r, lr_r, eps_r = math.sqrt(s.base_fan_in / s.fan_in), 1.0, 1.0
         m = hp.mult(role, "mult")

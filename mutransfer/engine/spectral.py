@@ -30,6 +30,31 @@ MUON = "muon"
 OPTIMIZERS = (SGD, ADAM, ADAMW, MUON)
 
 
+# Optimizers named by class (engine/optimizers.py) declare the family of their update; each family
+# follows one of the rules in this module:
+#   adam        entries of the update are Theta(lr) whatever the gradient's scale (Adam, AdamW, NAdam,
+#               RAdam, Adamax, Adagrad, RMSprop): Adam's rule, with decoupled ("independent") decay.
+#   sign        the update is sign(.) x lr, entries exactly +-lr (Lion: Chen et al. 2023, "Symbolic
+#               Discovery of Optimization Algorithms", Alg. 1; signSGD): the spectral paper's Adam
+#               derivation uses only that the entries are Theta(lr) (||dW||_2 ~ lr sqrt(fan_out fan_in)
+#               for a dense update), so Adam's rule applies unchanged; Lion has no eps.
+#   relative    an Adam-normalised update scaled by the parameter's RMS (Adafactor's "relative step
+#               size": Shazeer & Stern 2018, Sec. 7; torch.optim.Adafactor's alpha = max(eps2, RMS(W)) x lr):
+#               entries are Theta(lr x init std), so Adam's LR ratio is divided by the init std ratio.
+#   sgd         the update is the gradient: SGD's rule.
+#   orthogonal  the update's singular values are all ~1 (Muon: Jordan et al. 2024; Bernstein & Newhouse
+#               2024, "Old Optimizer, New Norm"): muon_lr_scale for the matrices it orthogonalises.
+UPDATE_KINDS = ("adam", "sign", "relative", "sgd", "orthogonal")
+
+
+def update_family(kind: str) -> str:
+    """The rule (SGD, ADAMW or MUON) an update family follows (see UPDATE_KINDS above)."""
+    rules = {"adam": ADAMW, "sign": ADAMW, "relative": ADAMW, "sgd": SGD, "orthogonal": MUON}
+    if kind not in rules:
+        raise ValueError(f"unknown update kind {kind!r}; expected one of {UPDATE_KINDS}")
+    return rules[kind]
+
+
 def _check(fan_in: int, fan_out: int) -> None:
     if fan_in < 1 or fan_out < 1:
         raise ValueError(f"fans must be >= 1, got fan_in={fan_in}, fan_out={fan_out}")

@@ -32,6 +32,7 @@ from ..engine.hparams import HParams
 from .recipe import Recipe
 from .train import State, evaluate, train
 from .trial_batch import SlotData, SlotSpec, TrialBatch, make_optimizer
+from .slot_optim import trial_optimizer
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
 
@@ -206,7 +207,7 @@ def run_group(recipe: Recipe, width: int, device: str, trials: Sequence, hps: Se
     g = _Group(r, width, device, vectorise, val, done, ask, capacity=len(trials))
     g.batch = TrialBatch(g.specs(hps), r.model.output, vectorise=vectorise)
     g.register(trials, 0)
-    g.opt = make_optimizer(g.batch, r.train.optimizer)
+    g.opt = trial_optimizer(g.batch, r.train.optimizer, make_optimizer)   # a named class: one per slot
     cfg = experiment.train_config(r, device=device, eval_every=g.every, divergence_factor=r.search.divergence_factor)
     rep = _Reports(g)
     data = SlotData(g.batch, lambda s: experiment.data_stream(r, "train", s))

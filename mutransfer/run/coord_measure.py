@@ -100,7 +100,7 @@ def resolve(recipe: Recipe, widths: Optional[list[int]] = None, steps: Optional[
     if not (lr > 0 and math.isfinite(lr)):
         raise UserError("--lr", "must be a finite number > 0")
     optimizer = optimizer or recipe.train.optimizer
-    if optimizer not in OPTIMIZERS:
+    if optimizer not in OPTIMIZERS and optimizer != recipe.train.optimizer:    # or the recipe's named class
         raise UserError("--optimizer", f"unknown optimizer {optimizer!r}; expected {' | '.join(OPTIMIZERS)}")
     if parametrization not in (MUP, SP):
         raise UserError("--parametrization", f"unknown {parametrization!r}; expected mup | sp")

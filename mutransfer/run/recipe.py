@@ -124,7 +124,11 @@ class Widths(_Strict):
 
 
 class Train(_Strict):
-    optimizer: Literal["sgd", "adam", "adamw", "muon"] = "adamw"
+    # sgd | adam | adamw | muon, a torch.optim class name (Adafactor), or "package.module:Class"
+    optimizer: str = "adamw"
+    # a named class's update family (engine/optimizers.py; classes it knows need none)
+    optimizer_kind: Optional[Literal["adam", "sign", "relative", "sgd", "orthogonal"]] = None
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
     lr: float = Field(gt=0)
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -151,6 +155,12 @@ class Train(_Strict):
     ns_steps: int = Field(default=5, ge=1, le=20)
     # more 2-D matrices for Muon than the hidden ones (globs; e.g. a bottleneck width -> 32)
     muon_params: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _named_optimizer(self) -> "Train":
+        from .user_code import register_optimizer     # imports the class: UserError names train.optimizer
+        register_optimizer(self.optimizer, self.optimizer_kind, self.optimizer_args)
+        return self
 
     @field_validator("optimizer")
     @classmethod

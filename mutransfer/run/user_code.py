@@ -121,3 +121,32 @@ def accepts(fn: Callable, name: str) -> bool:
     return name in sig.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()
     )
+
+
+def register_optimizer(name: str, kind: Optional[str], args: dict) -> None:
+    """Resolve `train.optimizer` when it names a class (a torch.optim class, or package.module:Class)
+    and register it with its update family (engine/optimizers.py). UserError naming the field."""
+    import torch
+
+    from ..engine import optimizers
+
+    if name in optimizers.BUILTIN:
+        if kind is not None or args:
+            raise UserError("train.optimizer_kind" if kind is not None else "train.optimizer_args",
+                            f"applies to an optimizer named by class, not the built-in {name!r}")
+        return
+    if ":" in name:
+        cls = resolve_object(name, "train.optimizer")
+    elif name.isidentifier() and isinstance(getattr(torch.optim, name, None), type):
+        cls = getattr(torch.optim, name)
+    else:
+        raise UserError("train.optimizer", f"unknown optimizer {name!r}: expected sgd, adam, adamw, muon, a "
+                        "torch.optim class name (e.g. Adafactor) or 'package.module:Class'")
+    if not callable(cls):
+        raise UserError("train.optimizer", f"{name!r} is not a class")
+    known = optimizers.kind_of(cls)
+    kind = kind or known
+    if kind is None:
+        raise UserError("train.optimizer_kind", f"say the update family of {name!r}: adam (Theta(1) entries, as "
+                        "Adam), sign (Lion), relative (Adafactor), sgd or orthogonal (Muon)")
+    optimizers.register(optimizers.OptimizerSpec(name, cls, kind, dict(args)))
