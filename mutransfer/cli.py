@@ -39,17 +39,24 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+_VERBOSE = [False]       # --verbose: third-party warnings shown as they come (quiet.py)
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print the version and exit")):
+                                       help="print the version and exit"),
+          verbose: bool = typer.Option(False, "--verbose", help="show third-party warnings (default: one line "
+                                       "counting them)")):
     """muTransfer by the spectral rule: tune on a narrow proxy, transfer zero-shot to a wide target."""
+    _VERBOSE[0] = verbose
 
 
 def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
-            with terminate_raises():
+            from .quiet import collected
+            with terminate_raises(), collected(_VERBOSE[0]):
                 from .threads import configure
                 configure()           # threads from the CPUs this process may use (affinity), not the machine's
                 return fn(*a, **kw)
@@ -253,6 +260,27 @@ def sweep(
                          horizons=horizons, batch_sizes=batch_sizes, equal=equal)
     if code:
         raise typer.Exit(code)
+
+
+@app.command("init")
+@handle_errors
+def init_cmd(
+    spec: str = typer.Argument(..., help="hf:<model_type> (e.g. hf:llama) or package.module:function"),
+    out: Optional[Path] = typer.Option(None, help="recipe file to write (default <name>.yaml)"),
+    width: int = typer.Option(64, help="proxy width"),
+    target: Optional[int] = typer.Option(None, help="target width (default 4 x --width)"),
+    depth: int = typer.Option(2, help="layers"),
+    vocab: int = typer.Option(256, help="vocabulary size (the token data's)"),
+    seq_len: int = typer.Option(64, help="sequence length"),
+    head_dim: Optional[int] = typer.Option(None, help="d_head, fixed across widths (default: chosen from --width)"),
+    kv_groups: int = typer.Option(1, help="query heads per key/value head (architectures with GQA)"),
+    width_arg: str = typer.Option("width", help="the factory's width keyword (package.module:function)"),
+    name: Optional[str] = typer.Option(None, help="recipe name (default from the spec)"),
+):
+    """Write a first, commented recipe by inspecting an architecture's config or a factory."""
+    from .commands.init import init_command
+
+    init_command(spec, out, width, target, depth, vocab, seq_len, head_dim, kv_groups, width_arg, name)
 
 
 @app.command("export")

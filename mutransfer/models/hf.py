@@ -37,6 +37,8 @@ TASKS = {
 def _transformers():
     try:
         import transformers
+        from ..quiet import adopt_logger
+        adopt_logger("transformers")      # its warnings counted into one line unless --verbose
     except ImportError:
         raise UserError("model.factory", "hf: factories need Hugging Face transformers: "
                         "pip install 'mutransfer[hf]'") from None
