@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
