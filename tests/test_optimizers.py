@@ -122,3 +122,25 @@ def test_kind_and_args_do_not_apply_to_the_builtins(tmp_path):
     p.write_text(yaml.safe_dump(_recipe("adamw", optimizer_kind="sign")))
     res = cli_in(tmp_path, "scale", p, "--dry-run")
     assert res.exit_code == 2 and "train.optimizer_kind" in res.output
+
+
+def test_stacked_trials_with_a_named_class_match_trials_one_at_a_time(tmp_path):
+    """Each slot's own Lion over views of the stack (refilled: 3 trials, 2 at a time) gives the losses
+    of trials trained alone."""
+    import optuna
+
+    d = _recipe("optim_zoo:Lion", 1e-3)
+    d["search"].update(trials=3, sampler="random", pruner="none")
+    d["train"]["steps"] = 3
+    values = {}
+    for n in (1, 2):
+        folder = tmp_path / f"p{n}"
+        folder.mkdir()
+        (folder / "r.yaml").write_text(yaml.safe_dump(d))
+        res = cli_in(folder, "tune", "r.yaml", "--device", "cpu", "--parallel-trials", str(n))
+        assert res.exit_code == 0, res.output
+        study = optuna.load_study(study_name="opt", storage=f"sqlite:///{folder}/runs/opt/study.db")
+        values[n] = sorted((round(t.params["lr"], 12), t.value) for t in study.trials)
+    assert [v[0] for v in values[1]] == [v[0] for v in values[2]]
+    for (_, a), (_, b) in zip(values[1], values[2]):
+        assert a == pytest.approx(b, rel=1e-4)
