@@ -184,8 +184,11 @@ def test_uint16_shards_tune_then_scale_and_resume_bit_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     res = cli_in(tmp_path, "scale", r, "--device", "cpu", "--out", full, "--steps", 8, "--checkpoint-every", 4)
     assert res.exit_code == 0, res.output
-    res = cli_in(tmp_path, "scale", r, "--device", "cpu", "--out", part, "--steps", 4, "--checkpoint-every", 4)
+    res = cli_in(tmp_path, "scale", r, "--device", "cpu", "--out", part, "--steps", 8, "--checkpoint-every", 4)
     assert res.exit_code == 0, res.output
+    # as if killed after step 4: the last checkpoint and the summary are gone
+    (part / "checkpoints" / "step-00000008.pt").unlink()
+    (part / "summary.json").unlink()
     res = cli_in(tmp_path, "scale", r, "--device", "cpu", "--out", part, "--steps", 8, "--checkpoint-every", 4,
                  "--resume")
     assert res.exit_code == 0 and "resuming from" in res.output, res.output

@@ -12,6 +12,7 @@ import torch
 from ..data import BUILTIN_DATA
 from ..models import hf
 from ..errors import UserError
+from ..engine import optimizers
 from ..engine.hparams import HParams
 from ..models import BUILTIN_MODELS
 from ..engine.outputs import OutputError, check_against_targets, select
@@ -340,7 +341,8 @@ def horizon_factors(recipe: Recipe, steps: int, batch: int, proxy_steps: Optiona
     m = measured or {}
     proxy = horizon_rule.Run(proxy_steps or recipe.train.steps, proxy_batch or recipe.train.batch_size,
                              recipe.train.warmup)
-    return horizon_rule.factors(recipe.train.optimizer, proxy, horizon_rule.Run(steps, batch), rules,
+    family = optimizers.family(recipe.train.optimizer)     # a named class: its update family's rule
+    return horizon_rule.factors(family, proxy, horizon_rule.Run(steps, batch), rules,
                                 _num(m.get("exponent")), _num(m.get("batch_exponent")), tuple(recipe.train.betas))
 
 
