@@ -87,6 +87,14 @@ def test_tune_then_scale(tmp_path, optimizer, lr):
     assert "summary" in res.output and "Traceback" not in res.output
     out = tmp_path / "runs" / "opt" / "scale-128"
     assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["step-00000003.pt", "step-00000006.pt"]
+    # resumed from step 3 (as if killed): the class's own state_dict restores it exactly
+    want = (out / "metrics.jsonl").read_text().splitlines()[-1]
+    (out / "checkpoints" / "step-00000006.pt").unlink()
+    (out / "summary.json").unlink()
+    res = cli_in(tmp_path, "scale", p, "--device", "cpu", "--checkpoint-every", "3", "--resume")
+    assert res.exit_code in (0, 1) and "resuming from" in res.output, res.output
+    got = (out / "metrics.jsonl").read_text().splitlines()[-1]
+    assert yaml.safe_load(got)["loss"] == yaml.safe_load(want)["loss"]
 
 
 @pytest.mark.parametrize("optimizer,lr,kind", [("optim_zoo:Lion", 1e-3, None), ("Adafactor", 1e-2, None)])

@@ -89,12 +89,12 @@ def data_stream(recipe: Recipe, split: str, seed: int, batch_size: Optional[int]
     kw: dict[str, Any] = dict(recipe.data.args)
     if accepts(fn, "split"):
         kw["split"] = split
+    elif split == "val":
+        seed = seed + 1_000_003  # no split support: a disjoint-seeded stream stands in for validation
     if fn is BUILTIN_DATA.get("tokens") and "vocab_size" not in kw:     # token ids checked against the model's
         v = next((recipe.model.args[k] for k in ("vocab_size", "vocab") if k in recipe.model.args), None)
         if isinstance(v, int) and not isinstance(v, bool):
             kw["vocab_size"] = v
-    elif split == "val":
-        seed = seed + 1_000_003  # no split support: a disjoint-seeded stream stands in for validation
     try:
         it = iter(fn(batch_size=batch_size or recipe.train.batch_size, seed=seed, **kw))
     except UserError:
