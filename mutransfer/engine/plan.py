@@ -17,7 +17,7 @@ from . import horizon as horizon_rule
 from . import optimizers, spectral
 from ..errors import UserError
 from .hparams import HParams
-from .shapes import Shapes
+from .shapes import Shapes, stack_shape
 
 MUP, SP = "mup", "sp"
 
@@ -82,6 +82,7 @@ class Plan:
                     "init": p.init,
                     "note": p.note,
                     "layout": p.layout,
+                    "stack": list(stack_shape(p.shape, p.layout)),   # stacked layouts: fans are per slice
                     "layout_source": p.source,
                     "init_factor": p.init_factor,
                     "depth_lr": p.depth_lr,

@@ -32,7 +32,7 @@ class ParamShape:
     shape: tuple[int, ...]
     base_shape: tuple[int, ...]
     kind: str        # weight | embedding | bias | gain | raw
-    layout: str      # out_in | in_out | embedding | vector | fixed
+    layout: str      # out_in | in_out | embedding | vector | fixed | stacked out_in | stacked in_out | stacked vector
     role: str        # input | hidden | output | vector | fixed
     fan_in: int
     fan_out: int
@@ -112,8 +112,43 @@ def _module_layout(mod: nn.Module, attr: str, ndim: int) -> tuple[str, str]:
     return "raw", "out_in"
 
 
+STACKED = ("stacked out_in", "stacked in_out", "stacked vector")
+
+
+def stack_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The leading (stacked) dimensions of a stacked layout: () for any other layout."""
+    if layout in ("stacked out_in", "stacked in_out"):
+        return tuple(shape[:-2])
+    if layout == "stacked vector":
+        return tuple(shape[:-1])
+    return ()
+
+
+def _experts_module_layout(mod: nn.Module, attr: str, shape: tuple[int, ...]) -> Optional[tuple[str, str]]:
+    """Fast path for a known stack of experts: transformers' experts modules (decorated with
+    `use_experts_implementation`: they carry `num_experts` and `is_transposed`) store each expert's
+    matrix in one 3-D tensor (E, out, in), or (E, in, out) when is_transposed, and its bias (E, out)."""
+    n = getattr(mod, "num_experts", None)
+    tr = getattr(mod, "is_transposed", None)
+    if not isinstance(n, int) or not isinstance(tr, bool) or not shape or shape[0] != n:
+        return None
+    if len(shape) == 3:
+        return "weight", ("stacked in_out" if tr else "stacked out_in")
+    if len(shape) == 2 and "bias" in attr:
+        return "bias", "stacked vector"
+    return None
+
+
 def fans(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
-    """(fan_in, fan_out) of a parameter of `shape` stored in `layout`."""
+    """(fan_in, fan_out) of a parameter of `shape` stored in `layout`; for a stack of matrices
+    (`stacked ...`: every leading dimension indexes one slice), the fans of one slice, the matrix the
+    forward pass uses it as."""
+    if layout.startswith("stacked "):
+        inner = layout.split(" ", 1)[1]
+        k = len(stack_shape(shape, layout))
+        if len(shape) <= k or (inner != "vector" and len(shape) < 3):
+            raise ValueError(f"layout {layout!r} needs a stack dimension and a matrix (vector); shape {shape}")
+        return fans(tuple(shape[k:]), inner)
     if layout == "fixed" or len(shape) == 0:
         return 1, 1
     if layout == "vector":
@@ -131,7 +166,7 @@ def fans(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
 
 def _role(kind: str, layout: str, fi: tuple[int, int], fo: tuple[int, int]) -> str:
     in_grows, out_grows = fi[0] != fi[1], fo[0] != fo[1]
-    if kind in ("bias", "gain") or layout == "vector":
+    if kind in ("bias", "gain") or layout in ("vector", "stacked vector"):
         return "vector" if out_grows else "fixed"
     if layout == "fixed":
         return "fixed"
@@ -205,6 +240,10 @@ def infer_shapes(
     decided: dict[str, tuple[str, str, str]] = {}
     for name, p in base_p.items():
         mods = [owners[n] for n in aliases[id(p)]]
+        known = _experts_module_layout(mods[0][1], mods[0][2], tuple(p.shape))
+        if known is not None:
+            decided[name] = (*known, "module")
+            continue
         kind, layout = _module_layout(mods[0][1], mods[0][2], p.dim())
         decided[name] = (kind, layout, "module" if kind != "raw" else "guessed")
     uses, trace_note = {}, ""
@@ -215,6 +254,8 @@ def infer_shapes(
             got = layout_from_use(u, tuple(base_p[name].shape))
             if got is not None:
                 decided[name] = (got[0], got[1], "traced")
+
+    _stacked_siblings(decided, base_p, owners, aliases)
 
     params: dict[str, ParamShape] = {}
     tied: dict[str, str] = {}
@@ -262,6 +303,27 @@ def infer_shapes(
         )
     found = _branches(factory, args, base_width, base, example, branch_globs or []) if branches else None
     return Shapes(width, base_width, params, tied, unknown, trace_note, found)
+
+
+def _stacked_siblings(decided: dict, base_p: dict, owners: dict, aliases: dict) -> None:
+    """Known pattern: a module holding a stack of matrices (experts) whose rank-(k+1) parameter named
+    like a bias, with the same k leading dims, was gathered by expert ids (w[ids], read as a table
+    lookup) or guessed: it is a stack of biases, one per slice (gpt-oss's gate_up_proj_bias)."""
+    stacks: dict[str, tuple[int, ...]] = {}
+    for name, (kind, layout, source) in decided.items():
+        if layout in ("stacked out_in", "stacked in_out"):
+            mname = owners[aliases[id(base_p[name])][0]][0]
+            stacks.setdefault(mname, tuple(base_p[name].shape[:-2]))
+    if not stacks:
+        return
+    for name, (kind, layout, source) in list(decided.items()):
+        if source not in ("traced", "guessed") or layout.startswith("stacked"):
+            continue
+        mname, _, attr = owners[aliases[id(base_p[name])][0]]
+        lead = stacks.get(mname)
+        shape = tuple(base_p[name].shape)
+        if lead and "bias" in attr and len(shape) == len(lead) + 1 and shape[:len(lead)] == lead:
+            decided[name] = ("bias", "stacked vector", "traced")
 
 
 def _branches(factory: Callable, args: dict[str, Any], base_width: int, meta_model: nn.Module, example: Any,

@@ -10,6 +10,10 @@ Uses recorded (per parameter, by the dimensions of the *stored* tensor):
                without contraction (position tables, cls / register tokens): one-hot input, fan_in 1
     gain       multiplies activations elementwise, or is a norm's weight
     bias       a 1-D tensor added to activations, or a norm's / linear's bias
+    stack      stored dimensions the forward pass indexes away (w[e], w[expert_ids]) or batches over
+               (torch.bmm, torch._grouped_mm / F.grouped_mm, einsum with a letter shared by the
+               activations and the output) before a contraction: the parameter is a stack of
+               matrices (MoE experts, fused heads, scanned layers), each slice with its own fans
     other      anything else (the parameter is then classified by rank)
 
 Views of a parameter (t, transpose, permute, view, reshape, expand, unsqueeze, dtype casts, slices)
@@ -44,6 +48,7 @@ class Use:
     table: int = 0
     gain: int = 0
     bias: int = 0
+    stack: set[int] = field(default_factory=set)     # stored dims indexed / batched over (stacks)
     other: list[str] = field(default_factory=list)
 
     def kinds(self) -> set[str]:
@@ -61,11 +66,12 @@ class Use:
 
 class _Origin:
     """A tensor derived from a parameter: its name and, per dimension, the stored dimension(s) it
-    comes from (a tuple; empty for a broadcast / new dimension)."""
-    __slots__ = ("name", "dims", "ref")
+    comes from (a tuple; empty for a broadcast / new dimension), and the stored dimensions indexed
+    away or gathered on the way (`stack`: w[e] is one slice of a stack, w[ids] a batch of slices)."""
+    __slots__ = ("name", "dims", "ref", "stack")
 
-    def __init__(self, name: str, dims: tuple[tuple[int, ...], ...], ref):
-        self.name, self.dims, self.ref = name, dims, ref
+    def __init__(self, name: str, dims: tuple[tuple[int, ...], ...], ref, stack: tuple[int, ...] = ()):
+        self.name, self.dims, self.ref, self.stack = name, dims, ref, stack
 
 
 def _reshape_dims(src_shape, src_dims, dst_shape) -> Optional[tuple]:
@@ -135,10 +141,18 @@ class UseTracer(TorchFunctionMode):
         o = self.origins.get(id(t))
         return o if o is not None and o.ref is t else None
 
-    def _derive(self, out, o: _Origin, dims) -> None:
+    def _derive(self, out, o: _Origin, dims, stack: tuple[int, ...] = ()) -> None:
         if torch.is_tensor(out) and dims is not None and len(dims) == out.dim():
-            self.origins[id(out)] = _Origin(o.name, tuple(dims), out)
+            self.origins[id(out)] = _Origin(o.name, tuple(dims), out, tuple(sorted(set(o.stack) | set(stack))))
             self.keep.append(out)
+
+    def _contract(self, o: _Origin, dims: tuple[int, ...], batch: tuple = ()) -> None:
+        """o contracts stored `dims`; `batch` (per-dimension tuples) are batched over (a stack)."""
+        u = self.use(o.name)
+        u.contract.append(dims)
+        u.stack.update(o.stack)
+        for b in batch:
+            u.stack.update(b)
 
     def use(self, name: str) -> Use:
         return self.uses.setdefault(name, Use())
@@ -166,6 +180,12 @@ class UseTracer(TorchFunctionMode):
         first = args[0] if args else None
         o0 = self.origin(first)
 
+        # ---- one slice (w[e]) or a gathered batch of slices (w[ids]) of a stack of matrices
+        if o0 is not None and fn in ("__getitem__", "index_select") and torch.is_tensor(out):
+            got = _stack_index(fn, first, o0, args)
+            if got is not None:
+                self._derive(out, o0, got[0], got[1])
+                return
         # ---- rearrangements of one parameter-derived tensor
         if o0 is not None and len(origins) == 1 and torch.is_tensor(out):
             dims = self._follow(fn, first, o0, args, kwargs, out)
@@ -178,9 +198,26 @@ class UseTracer(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             ow, ob = self.origin(w), self.origin(b)
             if ow is not None:
-                self.use(ow.name).contract.append(ow.dims[-1])
+                self._contract(ow, ow.dims[-1])
             if ob is not None:
                 self.use(ob.name).bias += 1
+                self.use(ob.name).stack.update(ob.stack)
+            return
+        if fn in ("grouped_mm", "_grouped_mm"):
+            # (S, K) x grouped (G, K, N) -> (S, N): mat_b is a stack of G matrices used as x @ W[g]
+            a, b = args[0], (args[1] if len(args) > 1 else kwargs.get("mat_b"))
+            ob, oa = self.origin(b), self.origin(a)
+            if ob is not None and oa is None and b.dim() == 3:
+                self._contract(ob, ob.dims[-2], ob.dims[:1])
+            elif oa is not None and ob is None and a.dim() == 3:
+                self._contract(oa, oa.dims[-1], oa.dims[:1])
+            else:
+                for o in (oa, ob):
+                    if o is not None:
+                        self.use(o.name).other.append(fn)
+            return
+        if fn == "einsum":
+            self._einsum(args, kwargs)
             return
         if fn in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "mv", "addmm", "baddbmm", "addbmm", "addmv"):
             if fn in ("addmm", "baddbmm", "addbmm", "addmv"):
@@ -193,10 +230,11 @@ class UseTracer(TorchFunctionMode):
             else:
                 a, b = args[0], args[1]
             oa, ob = self.origin(a), self.origin(b)
+            # leading dims of a 3-D+ operand are batched over (bmm, batched matmul): a stack
             if ob is not None and oa is None:
-                self.use(ob.name).contract.append(ob.dims[0] if b.dim() == 1 else ob.dims[-2])
+                self._contract(ob, ob.dims[0] if b.dim() == 1 else ob.dims[-2], ob.dims[:-2])
             elif oa is not None and ob is None:
-                self.use(oa.name).contract.append(oa.dims[-1])
+                self._contract(oa, oa.dims[-1], oa.dims[:-2])
             else:
                 for o in (oa, ob):
                     if o is not None:
@@ -233,7 +271,7 @@ class UseTracer(TorchFunctionMode):
                 if o is not None:
                     setattr(self.use(o.name), kind, getattr(self.use(o.name), kind) + 1)
             return
-        if fn in ("__getitem__", "index_select", "take", "gather") and o0 is not None:
+        if fn in ("__getitem__", "index_select", "take", "gather") and o0 is not None and not o0.stack:
             idx = args[2] if fn == "index_select" else (args[1] if len(args) > 1 else None)
             if torch.is_tensor(idx) and not idx.is_floating_point() and idx.dtype != torch.bool:
                 self.use(o0.name).table += 1
@@ -242,7 +280,10 @@ class UseTracer(TorchFunctionMode):
         if fn in _ADD and activations:
             for t, o in origins:
                 u = self.use(o.name)
-                if _stored_rank(self, o) <= 1:
+                if o.stack and len(o.dims) - sum(1 for x in o.dims if not x) <= 1:
+                    u.bias += 1                      # a slice (or gathered slices) of a stack of biases
+                    u.stack.update(o.stack)
+                elif _stored_rank(self, o) <= 1:
                     u.bias += 1
                 else:
                     u.table += 1
@@ -253,6 +294,37 @@ class UseTracer(TorchFunctionMode):
             return
         for _, o in origins:
             self.use(o.name).other.append(fn)
+
+    def _einsum(self, args, kwargs) -> None:
+        """einsum: a parameter operand contracts the letters absent from the output; letters it shares
+        with the output *and* with an activation operand are batched over (a stack)."""
+        eq = args[0]
+        ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        if not isinstance(eq, str) or "..." in eq:
+            for t in ops:
+                o = self.origin(t)
+                if o is not None:
+                    self.use(o.name).other.append("einsum")
+            return
+        lhs, _, rhs = eq.replace(" ", "").partition("->")
+        terms = lhs.split(",")
+        if not rhs and "->" not in eq:
+            rhs = "".join(sorted(c for c in set(lhs) - {","} if lhs.count(c) == 1))
+        for i, t in enumerate(ops):
+            o = self.origin(t)
+            if o is None or i >= len(terms) or len(terms[i]) != len(o.dims):
+                continue
+            if any(self.origin(x) is not None for j, x in enumerate(ops) if j != i):
+                self.use(o.name).other.append("einsum")
+                continue
+            others = set("".join(terms[j] for j in range(len(terms)) if j != i))
+            mine = terms[i]
+            con = tuple(d for k, c in enumerate(mine) if c not in rhs for d in o.dims[k])
+            batch = tuple(o.dims[k] for k, c in enumerate(mine) if c in rhs and c in others)
+            if con:
+                self._contract(o, con, batch)
+            else:
+                self.use(o.name).other.append("einsum")
 
     def _follow(self, fn, t, o, args, kwargs, out):
         """Dims of `out` in terms of the stored parameter, when `fn` only rearranges `t`."""
@@ -295,6 +367,31 @@ class UseTracer(TorchFunctionMode):
         return None
 
 
+def _is_int_index(i) -> bool:
+    return (isinstance(i, int) and not isinstance(i, bool)) or (
+        torch.is_tensor(i) and i.dim() == 0 and not i.is_floating_point() and i.dtype != torch.bool)
+
+
+def _stack_index(fn, t, o: _Origin, args) -> Optional[tuple[tuple, tuple[int, ...]]]:
+    """(dims of the result, stored dims indexed over) when `fn` takes slices of a stack: w[e] (an
+    integer, or integers on leading dims) of a 2-D+ tensor, or w[ids] / index_select(w, 0, ids) with an
+    integer tensor of a 3-D+ tensor (a batch of matrices, one per selected expert). An integer tensor
+    indexing a 2-D table is a lookup (an embedding), not this."""
+    d = o.dims
+    if fn == "index_select":
+        if len(args) < 3 or args[1] != 0 or t.dim() < 3:
+            return None
+        return ((),) + d[1:], tuple(d[0])
+    idx = args[1] if len(args) > 1 else None
+    lead = idx if isinstance(idx, tuple) else (idx,)
+    if lead and all(_is_int_index(i) for i in lead) and len(lead) < t.dim():
+        return d[len(lead):], tuple(x for k in range(len(lead)) for x in d[k])
+    if (torch.is_tensor(idx) and idx.dim() >= 1 and not idx.is_floating_point() and idx.dtype != torch.bool
+            and t.dim() >= 3):
+        return ((),) * idx.dim() + d[1:], tuple(d[0])
+    return None
+
+
 def _stored_rank(tracer: UseTracer, o: _Origin) -> int:
     hit = next((p for n, p in tracer.params.values() if n == o.name), None)
     return hit.dim() if hit is not None else len(o.dims)
@@ -315,6 +412,8 @@ def layout_from_use(u: Use, shape: tuple[int, ...]) -> Optional[tuple[str, str, 
     shapes.py); a table is an embedding (fan_in 1); a gain or bias a vector."""
     nd = len(shape)
     kinds = u.kinds()
+    if u.stack:
+        return _stacked_layout(u, nd)
     if "table" in kinds and "contract" in kinds:
         return "embedding", "embedding", "traced: indexed and contracted (tied)"
     if "contract" in kinds:
@@ -341,4 +440,26 @@ def layout_from_use(u: Use, shape: tuple[int, ...]) -> Optional[tuple[str, str, 
         return "gain", "vector", "traced: elementwise scale"
     if kinds == {"bias"}:
         return "bias", "vector", "traced: bias"
+    return None
+
+
+def _stacked_layout(u: Use, nd: int) -> Optional[tuple[str, str, str]]:
+    """A stack: the indexed / batched dims must be the leading ones, and the rest one matrix (W·x or
+    x·W, the same in every use) or one vector (a bias added per slice)."""
+    lead = set(range(len(u.stack)))
+    if u.stack != lead:
+        return None
+    k = len(lead)
+    if u.contract and not (u.table or u.gain or u.bias):
+        dims = set(u.contract)
+        if len(dims) != 1 or nd - k != 2:
+            return None
+        c = next(iter(dims))
+        if c == (nd - 1,):
+            return "weight", "stacked out_in", f"traced: stack of {k} dim(s), W[e]·x"
+        if c == (nd - 2,):
+            return "weight", "stacked in_out", f"traced: stack of {k} dim(s), x·W[e]"
+        return None
+    if not u.contract and (u.bias or u.gain) and nd - k == 1:
+        return ("bias" if u.bias else "gain"), "stacked vector", f"traced: stack of {k} dim(s), per-slice vector"
     return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -21,7 +22,7 @@ from ..outputs_guard import marker
 from ..engine.hparams import HParams
 from ..engine.plan import Plan, make_plan
 from ..run.recipe import Recipe
-from ..engine.shapes import build_meta
+from ..engine.shapes import build_meta, stack_shape
 from ..run.train import loss_fn
 
 
@@ -31,6 +32,7 @@ class Cost:
     flops_per_step: Optional[float]   # forward + backward, whole optimizer step (all micro-batches)
     memory_bytes: int                 # fp32 weights + grads + optimizer state
     flops_error: Optional[str] = None  # why flops_per_step is None
+    flops_note: Optional[str] = None   # how the FLOPs were counted, when not plainly on the meta device
 
 
 def optimizer_state_floats(optimizer: str, momentum: float) -> int:
@@ -47,16 +49,51 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
     x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
     model = build_meta(model_factory(recipe), width, model_args(recipe))
     try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        xm, ym = x.to("meta"), y.to("meta")
-        with FlopCounterMode(display=False) as fc:
-            out = select(model(xm), recipe.model.output)
-            loss_fn(recipe.loss, out, ym).backward()
-        flops = float(fc.get_total_flops()) * recipe.train.grad_accum
+        flops = _count_flops(recipe, model, x, y, "meta")
     except Exception as e:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
-        return Cost(n, None, mem, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+        err = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        # transformers' MoE experts: grouped_mm has no fp32 meta kernel and the eager loop is
+        # data-dependent; the batched_mm implementation runs on meta and does top-k of E per token
+        if callable(getattr(model, "set_experts_implementation", None)):
+            try:
+                model.set_experts_implementation("batched_mm")
+                flops = _count_flops(recipe, model, x, y, "meta")
+                return Cost(n, flops, mem, None, "experts counted with transformers' batched_mm implementation "
+                            "(the top-k experts of each token, not all of them)")
+            except Exception:  # noqa: BLE001
+                pass
+        if n <= CPU_FLOPS_MAX_PARAMS:
+            try:
+                with torch.device("cpu"):
+                    real = model_factory(recipe)(width=width, **model_args(recipe))
+                flops = _count_flops(recipe, real, x, y, "cpu")
+                return Cost(n, flops, mem, None, f"counted on the CPU with one real batch (on meta: {err})")
+            except Exception:  # noqa: BLE001
+                pass
+        return Cost(n, None, mem, err)
     return Cost(n, flops, mem)
+
+
+# a model that fails on the meta device is counted for real on the CPU up to this size
+CPU_FLOPS_MAX_PARAMS = 50_000_000
+
+
+def _count_flops(recipe: Recipe, model, x, y, device: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xm, ym = _to(x, device), _to(y, device)
+    with FlopCounterMode(display=False) as fc:
+        out = select(model(xm), recipe.model.output)
+        loss_fn(recipe.loss, out, ym).backward()
+    return float(fc.get_total_flops()) * recipe.train.grad_accum
+
+
+def _to(x, device):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x.to(device) if hasattr(x, "to") else x
 
 
 def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, parametrization: str = "mup",
@@ -152,6 +189,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
     for col in (*cols, "lr", *axes, "wd", "eps", "note" if wide else ""):
         t.add_column(col, justify="left" if col.startswith("role") else "right", no_wrap=True)
     footnotes: dict[str, int] = {}
+    stacked = 0
     for p in plan.params.values():
         std = ({"ones": "=1", "zeros": "=0"}.get(p.init) or (_fmt(p.init_std) if p.init_std is not None
                else (f"fac×{p.init_factor:.3g}" if p.init == "factory" else "keep")))
@@ -160,13 +198,19 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
         shape = _shape(tuple(p.base_shape), tuple(p.shape))
         head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
-        lay = f"{p.layout} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
+        stack = stack_shape(tuple(p.shape), p.layout)
+        if stack:
+            stacked += 1
+        lay = (f"{p.layout}{' ×' + '×'.join(map(str, stack)) if stack else ''} [dim]{p.source}[/]") + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
         fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
                else [f"{p.role} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
                      + f"\n[dim]{p.fan_in}→{p.fan_out}[/]"])
         extra = (lr_axes(p, hz),) if hz else ()
         t.add_row(*head, *fan, std, _fmt(p.lr), *extra, _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
+    if stacked:
+        console.print(f"[cyan]stacked[/]: {stacked} parameter(s) are stacks of matrices (×slices): fans, init std, "
+                      "LR and eps are those of one slice, the matrix the forward pass uses", highlight=False)
     for note, i in footnotes.items():
         console.print(f"[{i}] {note}", highlight=False)
     for m, v in plan.readout_multipliers.items():
@@ -184,6 +228,8 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
                       " (declare them under `layouts:` if wrong)")
     flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
              else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")
+    if cost.flops_note:
+        console.print(f"[dim]FLOPs: {cost.flops_note}[/]", highlight=False)
     console.print(
         f"[bold]target[/]: {cost.params:,} parameters ({human(cost.params)}), "
         f"~{flops} per training step, "
@@ -194,5 +240,5 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
 def write_json(plan: Plan, cost: Cost, path: str | Path) -> None:
     d = {"written_by": marker("plan"), **plan.to_json()}
     d["cost"] = {"params": cost.params, "flops_per_step": cost.flops_per_step, "memory_bytes": cost.memory_bytes,
-                 "flops_error": cost.flops_error}
+                 "flops_error": cost.flops_error, "flops_note": cost.flops_note}
     atomic.write_json(path, d)

@@ -38,9 +38,12 @@ FEATURE = "‖ΔW·x‖"        # the update applied to the layer's inputs on th
 
 
 def as_matrix(p: torch.Tensor, layout: str) -> Optional[torch.Tensor]:
-    """W as a (fan_out x fan_in) matrix (rows = one-hot images for tables); None for vectors."""
-    if p.dim() < 2 or layout in ("vector", "fixed"):
+    """W as a (fan_out x fan_in) matrix (rows = one-hot images for tables); None for vectors. A stack
+    of matrices gives its first slice (every slice follows the same rule)."""
+    if p.dim() < 2 or layout in ("vector", "fixed", "stacked vector"):
         return None
+    if layout.startswith("stacked "):
+        return as_matrix(p.reshape(-1, *p.shape[-2:])[0], layout.split(" ", 1)[1])
     if layout == "embedding":
         return p.reshape(-1, p.shape[-1])
     if layout == "in_out":

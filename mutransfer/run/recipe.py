@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..yaml_io import load_yaml
 from ..engine.hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
 
-LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed")
+LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed", "stacked out_in", "stacked in_out", "stacked vector")
 
 
 def _numeric(annotation) -> bool:
@@ -345,7 +345,8 @@ class Recipe(_Strict):
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     widths: Widths
     train: Train
-    layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed"]] = Field(
+    layouts: dict[str, Literal["out_in", "in_out", "embedding", "vector", "fixed",
+                               "stacked out_in", "stacked in_out", "stacked vector"]] = Field(
         default_factory=dict
     )
     # depth transfer (depth.py): the proxy's and the target's depth and the exponent alpha
