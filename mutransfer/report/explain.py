@@ -22,6 +22,7 @@ from ..outputs_guard import marker
 from ..engine.hparams import HParams
 from ..engine.plan import Plan, make_plan
 from ..run.recipe import Recipe
+from ..engine import experts as experts_rule
 from ..engine.shapes import build_meta, stack_shape
 from ..run.train import loss_fn
 
@@ -48,6 +49,10 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
     # data mistakes are the user's (UserError, exit 2); only the meta-device trace is best effort
     x, y = first_batch(data_stream(recipe, "train", recipe.train.seed, batch_size=recipe.train.batch_size))
     model = build_meta(model_factory(recipe), width, model_args(recipe))
+    note = None
+    if any(stack_shape(tuple(p.shape), p.layout) for p in plan.params.values()):
+        note = ("stacks of experts counted as the forward pass runs them (each token's top-k experts, up to the "
+                "capacity), not every slice")
     try:
         flops = _count_flops(recipe, model, x, y, "meta")
     except Exception as e:  # noqa: BLE001 - an estimate; models with data-dependent control flow may not trace on meta
@@ -71,7 +76,7 @@ def estimate_cost(recipe: Recipe, plan: Plan, width: int) -> Cost:
             except Exception:  # noqa: BLE001
                 pass
         return Cost(n, None, mem, err)
-    return Cost(n, flops, mem)
+    return Cost(n, flops, mem, None, note)
 
 
 # a model that fails on the meta device is counted for real on the CPU up to this size
@@ -105,7 +110,49 @@ def explain(recipe: Recipe, width: int, hparams: Optional[HParams] = None, param
     plan = make_plan(shapes, hp, recipe.train.optimizer, parametrization, recipe.factory_init,
                      depth_rule(recipe, base_depth), tuple(recipe.train.muon_params), horizon)
     plan.notes.extend(replaced_init_notes(recipe, plan))
+    plan.notes.extend(moe_notes(recipe, plan, width))
     return plan, shapes, estimate_cost(recipe, plan, width)
+
+
+def moe_info(model) -> Optional[tuple[int, int, bool]]:
+    """(experts, experts per token, gates renormalised) of a mixture-of-experts model: the built-in
+    moe-gpt's MoE layers, or a transformers config (num_experts / num_local_experts / n_routed_experts,
+    num_experts_per_tok, norm_topk_prob); None for anything else."""
+    from ..models.moe import MoE
+
+    for m in model.modules():
+        if isinstance(m, MoE):
+            return m.experts, m.top_k, m.normalize
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    e = next((getattr(cfg, f) for f in ("num_experts", "num_local_experts", "n_routed_experts")
+              if isinstance(getattr(cfg, f, None), int)), None)
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if not isinstance(e, int) or not isinstance(k, int) or not 1 <= k <= e:
+        return None
+    return e, k, bool(getattr(cfg, "norm_topk_prob", True))
+
+
+def moe_notes(recipe: Recipe, plan: Plan, width: int) -> list[str]:
+    """What the dry run says about a mixture of experts (engine/experts.py, docs/moe.md)."""
+    stacked = [p for p in plan.params.values() if stack_shape(tuple(p.shape), p.layout)]
+    try:
+        info = moe_info(build_meta(model_factory(recipe), width, model_args(recipe)))
+    except Exception:  # noqa: BLE001 - a note, best effort
+        info = None
+    if info is None:
+        return []
+    e, k, normalized = info
+    out = [f"mixture of experts: {e} experts, top-{k} per token: a token runs "
+           f"{experts_rule.active_fraction(e, k):.0%} of the routed expert weights; {len(stacked)} stacked "
+           "parameter(s) planned per expert slice by the width rule; the router is a readout onto the experts; "
+           "the number of experts is not transferred (docs/moe.md)"]
+    if not normalized:
+        out.append(f"top-{k} gates are not renormalised (norm_topk_prob: false): the routed output is ~k/E = "
+                   f"{experts_rule.moe_output_scale(e, k, False):.2g} of one expert's; keep the expert count "
+                   "equal at proxy and target (or set norm_topk_prob: true)")
+    return out
 
 
 def replaced_init_notes(recipe: Recipe, plan: Plan, tolerance: float = 0.25) -> list[str]:

@@ -89,7 +89,8 @@ class Loggers:
         if state.step % every == 0 or state.val_loss is not None or state.step == state.config.steps:
             self.log(state.step, {"train/loss": state.loss, "train/lr_factor": state.lr, "val/loss": state.val_loss,
                                   "perf/samples_per_s": state.samples_per_s, "perf/tokens_per_s": state.tokens_per_s,
-                                  **{f"perf/{k}": v for k, v in state.extra.items()}})
+                                  **{f"perf/{k}": v for k, v in state.extra.items()},
+                                  **{f"train/{k}": v for k, v in getattr(state, "aux", {}).items()}})
 
     def close(self) -> None:
         if self._tb is not None:

@@ -221,6 +221,8 @@ def probe(recipe: Recipe, width: int, device: str) -> Optional[str]:
     """None when two slots of this model run under vmap (a forward and backward in training mode and
     a forward in eval mode, on the first batch); else the reason, in one line."""
     hp = HParams.from_train(recipe.train)
+    if recipe.train.aux_losses:
+        return "train.aux_losses: auxiliary losses are added one model at a time"
     try:
         batch = build_batch(recipe, width, [hp, hp], [recipe.train.seed] * 2, device, vectorise=True)
         x, y = experiment.first_batch(experiment.data_stream(recipe, "train", recipe.train.seed))

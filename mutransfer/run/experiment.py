@@ -134,7 +134,7 @@ def train_config(recipe: Recipe, device: str = "cpu", steps: Optional[int] = Non
         steps=steps or t.steps, loss=recipe.loss, schedule=t.schedule, warmup=t.warmup,
         min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, grad_accum=t.grad_accum,
         eval_every=t.eval_every, eval_batches=t.eval_batches, log_every=t.log_every, device=device,
-        output=recipe.model.output,
+        output=recipe.model.output, aux_losses=dict(t.aux_losses),
     )
     for k, v in over.items():
         setattr(cfg, k, v)

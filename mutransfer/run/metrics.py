@@ -92,6 +92,7 @@ class MetricsFile:
         if not (state.step % c.log_every == 0 or state.step == c.steps or state.val_loss is not None or state.stop):
             return
         rec = {"step": state.step, "loss": state.loss, "lr": self.base_lr * state.lr}
+        rec.update({f"aux/{k}": v for k, v in state.aux.items()})
         if state.val_loss is not None:
             rec["val_loss"] = state.val_loss
         rec["samples_per_s"] = round(state.samples_per_s, 3)

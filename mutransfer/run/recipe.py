@@ -155,6 +155,17 @@ class Train(_Strict):
     ns_steps: int = Field(default=5, ge=1, le=20)
     # more 2-D matrices for Muon than the hidden ones (globs; e.g. a bottleneck width -> 32)
     muon_params: list[str] = Field(default_factory=list)
+    # auxiliary losses added to the objective: key of the model's output -> coefficient (an MoE's
+    # load-balancing `aux_loss`, a router `z_loss`); logged separately, not in the validation loss
+    aux_losses: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("aux_losses")
+    @classmethod
+    def _aux(cls, v):
+        for k, c in v.items():
+            if not (c >= 0 and c < float("inf")):
+                raise ValueError(f"coefficient of {k!r} must be a finite number >= 0, got {c}")
+        return v
 
     @model_validator(mode="after")
     def _named_optimizer(self) -> "Train":

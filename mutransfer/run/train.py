@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..engine.outputs import select
+from ..engine.outputs import OutputError, select
 from .trial_batch import TrialBatch
 
 LOSSES = ("cross_entropy", "mse")
@@ -75,6 +75,9 @@ class TrainConfig:
     start_step: int = 0            # resume: steps already done (the data iterator is advanced by the caller)
     tf32: bool = True              # allow TF32 matmuls/convolutions on CUDA
     output: Any = None             # which part of the model's return value is the prediction (outputs.py)
+    # auxiliary losses: key / attribute of the model's return value -> coefficient, added to the
+    # objective (an MoE's load-balancing `aux_loss`, a router z-loss); validation scores the loss alone
+    aux_losses: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class State:
     reason: str = ""
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    aux: dict = field(default_factory=dict)         # auxiliary losses of the last step (unweighted), by name
     slots: list[Slot] = field(default_factory=list)   # batched trials only: one per original slot
 
 
@@ -235,9 +239,12 @@ def train(
             last = i == config.grad_accum - 1
             with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    out = select(fwd(x), output)
+                    raw = fwd(x)
+                    out = select(raw, output)
                 loss = (trials.slot_losses(config.loss, out, y) if trials is not None
                         else loss_fn(config.loss, out, y)) / config.grad_accum
+                if config.aux_losses and trials is None:
+                    loss = loss + _aux_terms(raw, config, state.aux, i == 0) / config.grad_accum
                 loss.sum().backward()          # slots' losses are independent: each gets its own gradient
             acc = loss.detach() if acc is None else acc + loss.detach()
             samples += x.shape[0]
@@ -288,6 +295,23 @@ def train(
         _call(callbacks, "on_step", state)
     _call(callbacks, "on_end", state)
     return state
+
+
+def _aux_terms(raw: Any, config: TrainConfig, record: dict, first: bool) -> torch.Tensor:
+    """sum of coefficient x auxiliary loss over config.aux_losses, each read from the model's return
+    value by its key; `record` gets each term's unweighted value (mean over the step's micro-batches)."""
+    total = 0.0
+    for name, coef in config.aux_losses.items():
+        try:
+            a = select(raw, name)
+        except OutputError as e:
+            raise UserError(f"train.aux_losses.{name}", f"not in the model's output: {e} (a transformers MoE "
+                            "returns aux_loss with output_router_logits: true in model.args)") from None
+        a = a.float().mean()
+        v = float(a.detach()) / config.grad_accum
+        record[name] = (0.0 if first else record.get(name, 0.0)) + v
+        total = total + coef * a
+    return total
 
 
 def _eval_due(steps: int, config: TrainConfig) -> bool:
