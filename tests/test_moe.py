@@ -333,3 +333,12 @@ def test_coord_check_flags_experts_read_as_flat_matrices(tmp_path):
     assert res.exit_code == 1, res.output[-2000:]
     rows = {(m["name"], m["statistic"]): m for m in json.loads((tmp_path / "bug.json").read_text())["modules"]}
     assert rows[("blocks.0.moe.w_in", "‖W₀‖")]["flag"] == "mis-scaled"
+
+
+def test_the_experts_rule_module_imports_no_torch():
+    import ast
+    import mutransfer.engine.experts as mod
+    tree = ast.parse(open(mod.__file__).read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any(x == "torch" or x.startswith("torch.") for x in names), names

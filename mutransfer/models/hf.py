@@ -13,6 +13,12 @@
       kv_groups: 2
       attn_implementation: sdpa               # eager | sdpa (transformers' own choice when omitted)
 
+Mixtures of experts (qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek_v3, gpt_oss, ...): give the experts'
+size as a width field too (`moe_intermediate_size: 1`, or `intermediate_size` where that is the experts'
+size), so each expert grows with width like a dense MLP; the experts' 3-D tensors are planned per expert
+(shapes.py) and `output_router_logits: true` in `args` makes the model return its load-balancing
+`aux_loss` for `train.aux_losses` (docs/moe.md).
+
 Without heads_field the head count is whatever `args` (or the config's default) says: fixed, so
 d_head grows with width and the model's 1/sqrt(d_head) attention is not muP (coord-check says so).
 The depth is the architecture's own layer-count field (n_layer, num_hidden_layers), set in `args`.
