@@ -251,7 +251,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         lay = (f"{p.layout}{' ×' + '×'.join(map(str, stack)) if stack else ''} [dim]{p.source}[/]") + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
         fan = ([p.role, lay, str(p.fan_in), str(p.fan_out)] if wide
                else [f"{p.role} [dim]{p.source}[/]" + (f" [cyan]{p.optimizer}[/]" if p.optimizer else "")
-                     + f"\n[dim]{p.fan_in}→{p.fan_out}[/]"])
+                     + f"\n[dim]{p.fan_in}→{p.fan_out}{' per ×' + '×'.join(map(str, stack)) if stack else ''}[/]"])
         extra = (lr_axes(p, hz),) if hz else ()
         t.add_row(*head, *fan, std, _fmt(p.lr), *extra, _fmt(p.weight_decay), _fmt(p.eps), mark)
     console.print(t)
