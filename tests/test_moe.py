@@ -337,6 +337,7 @@ def test_coord_check_flags_experts_read_as_flat_matrices(tmp_path):
 
 def test_the_experts_rule_module_imports_no_torch():
     import ast
+
     import mutransfer.engine.experts as mod
     tree = ast.parse(open(mod.__file__).read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
