@@ -86,6 +86,9 @@ def test_fans_of_stacked_layouts_and_a_declared_stack():
                      example=torch.randn(6, 8))
     assert (s.params["scan"].layout, s.params["scan"].source, s.params["scan"].use_layout) == \
         ("stacked out_in", "declared", "stacked in_out")
+    with pytest.raises(UserError, match=r"layouts\.inp\.weight.*needs at least 3 dimensions"):
+        infer_shapes(Stacks, {}, 16, 64, layouts={"inp.weight": "stacked out_in"}, warn=False,
+                     example=torch.randn(6, 8))
 
 
 def test_a_two_d_table_looked_up_by_ids_is_still_an_embedding():

@@ -281,6 +281,13 @@ def infer_shapes(
                 warnings.warn(f"layouts: {name} declared {override!r} but {seen} uses it as {layout!r} ({why}); "
                               "the declaration is followed", stacklevel=2)
             layout, source = override, "declared"
+            need = {"stacked out_in": 3, "stacked in_out": 3, "stacked vector": 2}.get(override, 0)
+            if p.dim() < need:
+                pat = next(g for g in layouts if fnmatch.fnmatchcase(name, g))
+                raise UserError(f"layouts.{pat}", f"{name} has shape {tuple(p.shape)}: {override!r} needs at least "
+                                f"{need} dimensions (the stacked ones, then the {'matrix' if need == 3 else 'vector'})")
+            if kind == "raw" and override == "stacked vector":
+                kind = "bias"
             if kind == "raw" and override == "embedding":
                 kind = "embedding"
         elif source == "guessed":
