@@ -62,7 +62,8 @@ def plot_sweep(summary: dict, path: Path, title: str = "") -> Path:
                 if hi > lo:
                     ax.axvspan(lo, hi, color=color[w], alpha=0.10, lw=0)
         dr = summary.get("drift_octaves", {}).get(par)
-        name = ({"mup": "depth rule", "sp": "no depth rule"}.get(par, par) if summary.get("axis") == "depth"
+        axis = summary.get("axis", "width")
+        name = ({"mup": f"{axis} rule", "sp": f"no {axis} rule"}.get(par, par) if axis != "width"
                 else LABEL.get(par, par))
         t = summary.get("transfer", {}).get(par)
         verdict = "" if t is None else f"\ntransfer {t['verdict']}" + (
