@@ -152,6 +152,10 @@ def scale(
         hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))
         if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
             make_console(highlight=False).print(horizon_line(hz, r))
+            from .commands.scale import decay_note
+            note = decay_note(hz, src.hparams, r.train.optimizer)
+            if note:
+                make_console(highlight=False).print(note)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth,

@@ -53,6 +53,7 @@ def test_rules_by_hand():
     assert H.warmup_steps(10, 200, 3200, "fixed") == 10
     assert H.warmup_steps(0, 200, 3200) == 0
     assert H.eps_ratio(16, 64) == pytest.approx(0.5)
+    assert H.decay_timescale(0.01, 0.1, 200) == pytest.approx(5.0) and H.decay_timescale(0.01, 0, 9) == math.inf
     assert H.beta_at_batch(0.9, 16, 32, "half_life") == pytest.approx(0.81)
     assert H.beta_at_batch(0.9, 16, 32) == 0.9
     # Chinchilla-style horizon: 20 tokens x 1M params / (64 x 128 tokens per step)
@@ -192,6 +193,7 @@ def test_scale_applies_the_rules_and_records_them(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["scale", "r.yaml", "--device", "cpu", "--width", "16"])
     assert res.exit_code == 0, res.output
     assert "horizon" in res.output and "12 -> 24 steps" in res.output
+    assert "barely measured" in res.output        # lr 0.01 x wd 0.1 x 12 steps: tau = 83 runs
     run = tmp_path / "runs" / "tiny-h" / "scale-16"
     plan = json.loads((run / "plan.json").read_text())
     f = plan["horizon"]

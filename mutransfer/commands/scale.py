@@ -142,6 +142,19 @@ def horizon_of(recipe: Recipe, src: HParamsSource, steps: int, batch: int):
     return experiment.horizon_factors(recipe, steps, batch, p_steps, p_batch, measured)
 
 
+def decay_note(hz, hp: HParams, optimizer: str) -> Optional[str]:
+    """A warning when the tau rule moves a weight decay the proxy could hardly measure."""
+    from ..engine import horizon as H
+    if hz.exponent_source == "off" or hz.weight_decay == 1.0 or hp.weight_decay <= 0 or optimizer not in H.DECOUPLED_DECAY:
+        return None
+    tau = H.decay_timescale(hp.lr, hp.weight_decay, hz.proxy.steps)
+    if tau <= 1:
+        return None
+    return (f"[yellow]note[/]: the proxy's weight decay acts on {tau:.1f}x its run (tau = 1/(lr x wd x steps)), so its "
+            "tuned value is barely measured; the tau rule keeps it as weak at the target. Tune the proxy's decay "
+            "where tau < 1 (a larger range), or set target.decay: fixed")
+
+
 def horizon_line(hz, recipe: Optional[Recipe] = None) -> str:
     """One line: what the horizon and batch axes do to the proxy's settings."""
     p, t = hz.proxy, hz.target
@@ -295,6 +308,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
     say(f"[bold]hparams[/]: {src.source}")
     if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
         say(horizon_line(hz, recipe))
+        note = decay_note(hz, src.hparams, t.optimizer)
+        if note:
+            say(note)
     if o.resume and ckpt is None:
         say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
     if ckpt is not None:

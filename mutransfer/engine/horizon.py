@@ -95,6 +95,15 @@ def decay_ratio(optimizer: str, lr_ratio: float, steps0: int, steps: int, rule: 
     return 1.0 / (lr_ratio * steps / steps0)
 
 
+def decay_timescale(lr: float, weight_decay: float, steps: int) -> float:
+    """The decoupled decay's EMA timescale as a fraction of the run, tau = 1 / (eta lambda S). Above 1 the
+    decay acts on a longer span than the run: a proxy's lambda tuned there is barely measured, and the
+    tau rule transfers it as barely acting (measured: docs/horizon.md)."""
+    if lr <= 0 or weight_decay <= 0 or steps <= 0:
+        return math.inf
+    return 1.0 / (lr * weight_decay * steps)
+
+
 def warmup_steps(warmup0: int, steps0: int, steps: int, rule: str = "fraction") -> int:
     """The target's warmup: the same fraction of the run ("fraction"), or the same steps ("fixed")."""
     if rule not in WARMUP_RULES:
