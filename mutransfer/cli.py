@@ -295,7 +295,7 @@ def export_cmd(
     checkpoint: Optional[str] = typer.Option(None, help="checkpoint file (default: the newest)"),
 ):
     """Write the trained target as a plain state_dict + config.json, usable without mutransfer."""
-    from .commands.load import export
+    from .commands.trained import export
 
     folder, notes = export(run, out, checkpoint)
     for n in notes:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "mutransfer"
-FOUNDATIONS = {"errors", "atomic", "outputs_guard", "signals", "threads", "console", "_moved", "yaml_io", "quiet"}
+FOUNDATIONS = {"errors", "atomic", "outputs_guard", "signals", "threads", "console", "yaml_io", "quiet"}
 # a layer may import from the layers listed for it (and from itself)
 ALLOWED = {
     "foundations": {"foundations"},
@@ -94,16 +97,50 @@ def test_no_import_cycles():
     assert not cycle, " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("old,new", [("experiment", "run.experiment"), ("spectral", "engine.spectral"),
-                                     ("tuning", "commands.tuning"), ("sweep_fit", "report.sweep_fit"),
-                                     ("hf", "models.hf")])
-def test_flat_import_paths_of_0_1_give_the_same_modules(old, new):
-    assert importlib.import_module(f"mutransfer.{old}") is importlib.import_module(f"mutransfer.{new}")
-
-
 def test_the_public_functions_are_not_shadowed_by_modules():
     import mutransfer
-    import mutransfer.commands.load  # noqa: F401 - importing the module must not rebind mutransfer.load
     import mutransfer.commands.coord_check  # noqa: F401
+    import mutransfer.commands.trained  # noqa: F401
 
     assert callable(mutransfer.load) and callable(mutransfer.tune) and callable(mutransfer.coord_check)
+    assert callable(mutransfer.export) and callable(mutransfer.parametrize)
+
+
+def test_no_module_is_named_like_a_public_function():
+    """`mutransfer.load` & co. are functions: a module or package of that name right under mutransfer/ would
+    be rebound by its own import (the clash, and the workaround, that 0.1 had with commands/load.py)."""
+    import mutransfer
+
+    assert sorted(mutransfer.__all__) == sorted([*mutransfer._HOME, *mutransfer._MODULES])
+    public = {n for n in mutransfer.__all__ if n != "spectral"}
+    clash = sorted(p.name for p in PKG.iterdir() if p.stem in public and (p.suffix == ".py" or p.is_dir()))
+    assert not clash, clash
+
+
+def test_the_flat_import_paths_of_0_1_are_gone():
+    """0.2 is the first release that promises import paths: the layered ones only."""
+    assert not (PKG / "_moved.py").exists()
+    for old in ("experiment", "tuning", "sweep_fit"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"mutransfer.{old}")
+
+
+def test_import_mutransfer_loads_neither_optuna_nor_pydantic_nor_yaml():
+    """A user who only wants `parametrize` pays for torch, not for the tuner or the recipe schema."""
+    code = ("import sys, mutransfer\n"
+            "m = mutransfer.parametrize; h = mutransfer.HParams(); p = mutransfer.make_plan\n"
+            "print(' '.join(n for n in ('optuna', 'pydantic', 'yaml', 'matplotlib', 'typer') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(PKG.parent)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
+    done = subprocess.run([sys.executable, "-c", "import mutransfer, sys; mutransfer.tune; print('optuna' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(PKG.parent)})
+    assert done.stdout.strip() == "True", done.stderr      # the lazy names still resolve
+
+
+def test_the_version_is_the_projects():
+    import mutransfer
+
+    text = (PKG.parent / "pyproject.toml").read_text()
+    assert f'version = "{mutransfer.__version__}"' in text

@@ -21,12 +21,12 @@ import torch
 import yaml
 from torch import nn
 
+from ..atomic import write_text, write_via
+from ..engine.hparams import HParams
+from ..errors import UserError
+from ..outputs_guard import check_out_dir, marker
 from ..run import checkpoint as C
 from ..run import experiment
-from ..atomic import write_text, write_via
-from ..errors import UserError
-from ..engine.hparams import HParams
-from ..outputs_guard import check_out_dir, marker
 from ..run.recipe import parse_recipe
 
 
