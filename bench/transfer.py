@@ -51,6 +51,7 @@ def _seconds(res):
 
 def _tune_with_optuna(recipe, a, proxy: int, workdir: Path) -> float:
     """lr* from mutransfer.tune's library function: an Optuna study over lr only at the proxy."""
+    from mutransfer.commands.tune_options import TuneOptions
     from mutransfer.commands.tuning import make_options, tune
     from mutransfer.run.hparams_file import read_hparams_file
     from mutransfer.run.recipe import Range
@@ -58,9 +59,9 @@ def _tune_with_optuna(recipe, a, proxy: int, workdir: Path) -> float:
     r = recipe.model_copy(deep=True)
     r.search.params = {"lr": r.search.params.get("lr") or Range(low=min(a._values), high=max(a._values), log=True)}
     workdir.mkdir(parents=True, exist_ok=True)
-    opts = make_options(r, a.recipe, trials=a.optuna_trials, width=proxy,
-                        storage=f"sqlite:///{workdir / 'study.db'}", study_name=f"{r.name}-lr",
-                        out=workdir / "hparams.yaml")
+    opts = make_options(r, TuneOptions(recipe=a.recipe, trials=a.optuna_trials, width=proxy,
+                                       storage=f"sqlite:///{workdir / 'study.db'}", study_name=f"{r.name}-lr",
+                                       out=workdir / "hparams.yaml", device="cpu"))
     if tune(opts, r) != 0:
         raise SystemExit("tune failed")
     return float(read_hparams_file(opts.out)["hparams"]["lr"])

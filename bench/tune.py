@@ -38,7 +38,9 @@ from mutransfer.run import experiment  # noqa: E402
 from mutransfer.run.recipe import load_recipe  # noqa: E402
 from mutransfer.engine.shapes import build_meta  # noqa: E402
 from mutransfer.run.train import loss_fn  # noqa: E402
-from mutransfer.commands.tuning import Objective, make_pruner, make_sampler, report_every  # noqa: E402
+from mutransfer.commands.tuning import Objective  # noqa: E402
+from mutransfer.run.batched_trials import report_every  # noqa: E402
+from mutransfer.run.search import pruner_for, sampler_for  # noqa: E402
 
 
 DEVICE = "cpu"      # --device: where every trial of (a) and (b) trains
@@ -75,8 +77,8 @@ def grid_search(recipe, width, n):
 def trials_to_reach(recipe, width, target, budget, sampler_seed, sampler="tpe", pruner="median"):
     """Trials (pruned included) a study needs for a value <= target (None: not within budget); the study."""
     r = recipe.model_copy(update={"search": recipe.search.model_copy(update={"sampler": sampler, "pruner": pruner})})
-    study = optuna.create_study(direction="minimize", sampler=make_sampler(r, budget, sampler_seed),
-                                pruner=make_pruner(r, budget))
+    study = optuna.create_study(direction="minimize", sampler=sampler_for(r, budget, sampler_seed),
+                                pruner=pruner_for(r, budget))
     obj = Objective(r, width, DEVICE)
     needed = None
     for i in range(budget):

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
+import typing
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
 
+from .commands.tune_options import TuneOptions
 from .console import make_console
 from .errors import UserError
+from .flags import at_least
 from .signals import terminate_raises
 
 app = typer.Typer(
@@ -83,31 +87,46 @@ def _recipe(path: Path):
     return load_recipe(path)
 
 
-@app.command()
-@handle_errors
-def tune(
-    recipe: Path = typer.Argument(..., help="recipe YAML"),
-    trials: Optional[int] = typer.Option(None, help="finished trials wanted (overrides search.trials)"),
-    width: Optional[int] = typer.Option(None, help="proxy width to tune at (default: widths.proxy)"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL or journal:PATH (default: sqlite in runs/<name>/)"),
-    study_name: Optional[str] = typer.Option(None, help="study name (default: the recipe's name)"),
-    workers: int = typer.Option(1, help="local worker processes sharing the storage"),
-    out: Optional[Path] = typer.Option(None, help="hparams file to write (default runs/<name>/hparams.yaml)"),
-    plot: Optional[Path] = typer.Option(None, help="PNG of optimisation history and importances"),
-    log: list[str] = typer.Option([], "--log", help="tensorboard | wandb | csv (repeatable): trials there too"),
-    depth: Optional[int] = typer.Option(None, help="depth to tune at (recipes with depths:; default depths.proxy)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda (auto: a GPU when there is one)"),
-    parallel_trials: Optional[int] = typer.Option(
-        None, help="trials trained at once in each worker, stacked (default: from memory and model size)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads per worker (default: the CPUs available / workers)"),
-):
-    """Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel)."""
+def _typer_params(options_cls) -> list[inspect.Parameter]:
+    """Typer's parameters generated from an options dataclass (flags.py): its fields' types, defaults and
+    help; the bounds are checked by the command itself (flags.validate), for the Python API too."""
+    from .flags import cli_name, declared
+
+    hints = typing.get_type_hints(options_cls)
+    params = []
+    for f, meta in declared(options_cls):
+        ann, default = hints[f.name], f.default
+        if typing.get_origin(ann) is tuple:               # repeatable: a list on the command line
+            ann, default = list[typing.get_args(ann)[0]], list(default)
+        if meta.argument:
+            info = typer.Argument(..., help=meta.help)
+        else:
+            info = typer.Option(default, cli_name(f, meta), help=meta.help)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=ann))
+    return params
+
+
+def options_command(name: str, options_cls, run: Callable[[object], int], doc: str):
+    """Register command `name`: its flags are the fields of `options_cls`; `run(options)` is its exit code."""
+    def command(**kw):
+        code = run(options_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}))
+        if code:
+            raise typer.Exit(code)
+
+    command.__signature__ = inspect.Signature(_typer_params(options_cls))
+    command.__doc__ = doc
+    command.__name__ = name
+    app.command(name)(handle_errors(command))
+
+
+def _tune(opts) -> int:
     from .commands.tuning import tune_command
 
-    code = tune_command(recipe, trials, width, storage, study_name, workers, out, plot, tuple(log), depth, device,
-                        parallel_trials, threads)
-    if code:
-        raise typer.Exit(code)
+    return tune_command(opts)[0]
+
+
+options_command("tune", TuneOptions, _tune,
+                "Optuna search of LR and init multipliers on the proxy, under muP (resumable, parallel).")
 
 
 @app.command()
@@ -136,8 +155,7 @@ def scale(
 
     r = _recipe(recipe)
     w = width if width is not None else r.widths.target
-    if w <= 0:
-        raise UserError("--width", "must be > 0")
+    at_least(w, 1, "--width")
     if dry_run:
         from .outputs_guard import check_output
         from .commands.scale import resolve_hparams

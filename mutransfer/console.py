@@ -4,8 +4,19 @@ printed with soft_wrap, so a path can be copied from a log whole."""
 from __future__ import annotations
 
 from rich.console import Console
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 PIPED_WIDTH = 160
+
+
+def hms(seconds: float) -> str:
+    """H:MM:SS (whole seconds, rounded down), "-:--:--" for an unknown (NaN) time: every elapsed time
+    and ETA the commands print."""
+    if seconds != seconds:
+        return "-:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def make_console(stderr: bool = False, **kw) -> Console:
@@ -34,6 +45,17 @@ class PlainLines:
         el = time.perf_counter() - self.t0
         n = done - self.start_done
         eta = el / n * max(0, self.total - done) if n > 0 else float("nan")
-        fmt = (lambda s: "-:--:--" if s != s else f"{int(s) // 3600}:{int(s) % 3600 // 60:02d}:{int(s) % 60:02d}")
         self.console.print(f"{self.what} {done}/{self.total}" + (f" {info}" if info else "")
-                           + f" elapsed {fmt(el)} eta {fmt(eta)}", highlight=False, soft_wrap=True)
+                           + f" elapsed {hms(el)} eta {hms(eta)}", highlight=False, soft_wrap=True)
+
+
+class MeanEta(ProgressColumn):
+    """Time left from the mean time per finished unit since the start: rich's own estimate needs
+    several units within its 30 s window and shows -:--:-- when a unit (a trial) takes longer.
+    A task's field `start_done` counts the units that were done before this run started."""
+
+    def render(self, task):
+        done = task.completed - task.fields.get("start_done", 0)
+        if not task.elapsed or done <= 0 or task.total is None:
+            return Text(hms(float("nan")))
+        return Text(hms(task.elapsed / done * max(0.0, task.total - task.completed)))

@@ -31,6 +31,7 @@ from ..run import checkpoint as C
 from ..run import distributed as D
 from ..run import experiment
 from ..errors import UserError
+from ..flags import at_least, warmup_problem
 from ..report.explain import estimate_cost, write_json
 from ..outputs_guard import check_out_dir, marker
 from ..engine.hparams import HParams
@@ -215,8 +216,7 @@ def _run_scale(o: ScaleOptions, console: Optional[Console]) -> ScaleResult:
     if o.depth is not None or recipe.depths is not None:
         recipe = experiment.at_depth(recipe, o.depth if o.depth is not None else recipe.depths.target)
     width = o.width if o.width is not None else recipe.widths.target
-    if width <= 0:
-        raise UserError("--width", "must be > 0")
+    at_least(width, 1, "--width")
     if o.steps is not None and o.steps <= 0:
         raise UserError("--steps", "must be > 0")
     if o.checkpoint_every < 0:
@@ -243,9 +243,9 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
     per_rank = batch // d.world
     src = resolve_hparams(recipe, o.hparams, o.runs_dir)
     hz = horizon_of(recipe, src, steps, batch)
-    if hz.warmup >= steps and hz.warmup > 0:
-        raise UserError("--steps", f"{steps} steps: must be above the warmup ({hz.warmup} steps"
-                        + (f", train.warmup {t.warmup} moved by the horizon rule)" if hz.warmup != t.warmup else ")"))
+    if warmup_problem(hz.warmup, steps):
+        raise UserError("--steps", warmup_problem(hz.warmup, steps)
+                        + (f" (train.warmup {t.warmup} moved by the horizon rule)" if hz.warmup != t.warmup else ""))
     if src.base_width > width:
         raise UserError("--width", f"{width} is below the width the hparams were tuned at ({src.base_width})")
     if o.fsdp and not d.enabled:

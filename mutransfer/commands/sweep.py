@@ -28,6 +28,7 @@ from ..report.loggers import Loggers, check_kinds
 from ..signals import available_cpus
 from ..threads import choose as threads_choose
 from ..errors import UserError
+from ..flags import at_least, warmup_problem
 from ..engine.hparams import MULTIPLIER_NAMES
 from ..run.recipe import Recipe, recipe_to_dict
 from ..run.result_cache import ResultCache, cache_key
@@ -178,8 +179,7 @@ def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Opti
         if any(d < 1 for d in depths):
             raise UserError("--depths", "depths must be >= 1")
         fixed = width or recipe.widths.proxy
-        if fixed < 1:
-            raise UserError("--width", "must be >= 1")
+        at_least(fixed, 1, "--width")
         cfg = make_config(recipe, sorted(set(depths)), values, param, parametrization, seeds, steps, batch_size)
         return SweepConfig(**{**cfg.__dict__, "depth_width": fixed})
     if width is not None:
@@ -213,8 +213,8 @@ def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Opti
     steps = steps if steps is not None else (s.steps or recipe.train.steps)
     if steps < 1:
         raise UserError("--steps", "must be >= 1")
-    if recipe.train.warmup >= steps and recipe.train.warmup > 0:
-        raise UserError("--steps", f"must be above train.warmup ({recipe.train.warmup})")
+    if warmup_problem(recipe.train.warmup, steps):
+        raise UserError("--steps", warmup_problem(recipe.train.warmup, steps))
     bs = batch_size if batch_size is not None else (s.batch_size or recipe.train.batch_size)
     if bs < 1:
         raise UserError("--batch-size", "must be >= 1")

@@ -1,4 +1,10 @@
-"""Tuning from Python, for users with their own training loop and no recipe:
+"""`mutransfer.tune` from Python, in two forms over the CLI's implementation.
+
+With a recipe, exactly `mutransfer tune` (the same options, by keyword; tune_options.py lists them):
+
+    best = mutransfer.tune("recipes/quickstart.yaml", trials=20, workers=2)
+
+With a user's own training loop and no recipe:
 
     def train_fn(model, optimizer, report):
         for step in range(200):
@@ -9,29 +15,56 @@
 
     best = mutransfer.tune(my_factory, train_fn, {"lr": {"low": 1e-4, "high": 1e-1, "log": True}},
                            width=128, trials=20, storage="sqlite:///study.db", study_name="mine")
-    # best: the contents of an hparams file (proxy_width, optimizer, hparams, best_value, ...)
 
-Every trial builds `factory(width=width, **args)` parametrized at that width (the proxy: a plain
-model with the rule's init and the trial's multipliers) and hands model and optimizer to train_fn.
-The storages, the heartbeat rule for dead workers, pruning and resume are the CLI's: rerunning with
-the same storage and study name continues until `trials` trials are finished.
+Both return the best trial as the contents of an hparams file (proxy_width, optimizer, hparams,
+best_value, ...). In the second form every trial builds `factory(width=width, **args)` parametrized at
+that width (the proxy: a plain model with the rule's init and the trial's multipliers) and hands model
+and optimizer to train_fn. The storages, the heartbeat rule for dead workers, the sampler, the pruner
+and resume are the CLI's (run/search.py, run/study.py): rerunning with the same storage and study
+name continues until `trials` trials are finished.
 """
 from __future__ import annotations
 
 import math
+from os import PathLike
 from typing import Any, Callable, Optional
 
-import optuna
-from optuna.trial import TrialState
-
-from ..errors import UserError
 from ..engine.hparams import TUNABLE_NAMES, HParams
-from ..engine.parametrize import parametrize
-from ..run.recipe import Range
-from ..run.study import count_finished, fail_stale, open_storage, storage_lock
+from ..engine.spectral import Optimizer
+from ..errors import UserError
+from ..flags import at_least
+from .tune_options import TuneOptions
 
 
-def _space(space: dict[str, Any]) -> dict[str, Range]:
+def tune(recipe_or_factory: Any, train_fn: Optional[Callable] = None, space: Optional[dict[str, Any]] = None,
+         **options: Any) -> dict:
+    """Run (or resume) a study until enough trials are finished; the best one as an hparams file's
+    contents (what `scale --hparams` reads). A recipe (path): the options of `mutransfer tune`; a model
+    factory: `train_fn`, `space` and the options of `tune_loop`."""
+    if isinstance(recipe_or_factory, (str, PathLike)):
+        if train_fn is not None or space is not None:
+            raise UserError("tune", "with a recipe, give only options by keyword (train_fn and space are for a factory)")
+        return tune_recipe(recipe_or_factory, **options)
+    if train_fn is None or space is None:
+        raise UserError("tune", "give a recipe path, or a model factory with train_fn and space")
+    return tune_loop(recipe_or_factory, train_fn, space, **options)
+
+
+def tune_recipe(recipe: str | PathLike, **options: Any) -> dict:
+    """`mutransfer tune RECIPE --option ...`: the same function with the same options."""
+    from ..run.hparams_file import read_hparams_file
+    from .tuning import tune_command
+
+    code, opts = tune_command(TuneOptions(recipe=recipe, **options))
+    if code:
+        raise UserError("tune", f"no hparams written (exit code {code}): every trial diverged or was pruned, "
+                                "or a worker failed")
+    return read_hparams_file(opts.out)
+
+
+def _space(space: dict[str, Any]) -> dict:
+    from ..run.recipe import Range
+
     out = {}
     for k, v in space.items():
         if k not in TUNABLE_NAMES:
@@ -43,33 +76,28 @@ def _space(space: dict[str, Any]) -> dict[str, Range]:
     return out
 
 
-def tune(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width: int, trials: int,
-         storage: Optional[str] = None, study_name: Optional[str] = None, args: Optional[dict] = None,
-         optimizer: str = "adamw", hparams: Optional[HParams] = None, pruner: str = "median",
-         sampler_seed: Optional[int] = None, heartbeat: int = 10) -> dict:
-    """Run (or resume) an Optuna study of `space` at `width` until `trials` trials are finished;
-    return the best trial as the contents of an hparams file (what `scale --hparams` reads)."""
-    if trials < 1 or width < 1:
-        raise UserError("tune", "trials and width must be >= 1")
+def tune_loop(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width: int, trials: int,
+              storage: Optional[str] = None, study_name: Optional[str] = None, args: Optional[dict] = None,
+              optimizer: Optimizer = "adamw", hparams: Optional[HParams] = None, pruner: str = "median",
+              sampler: str = "tpe", sampler_seed: Optional[int] = None, heartbeat: int = 10) -> dict:
+    """The study of `space` at `width` for a user's own loop (see the module's docstring)."""
+    import optuna
+
+    from ..engine.parametrize import parametrize
+    from ..run.search import create_study, make_pruner, make_sampler, suggest
+    from ..run.study import count_finished, fail_stale
+
+    at_least(trials, 1, "trials")
+    at_least(width, 1, "width")
     rng = _space(space)
     base = hparams or HParams()
-    name = study_name or "mutransfer"
-    url = storage or "sqlite:///mutransfer-study.db"
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    prun = {"median": optuna.pruners.MedianPruner(n_startup_trials=3), "hyperband": optuna.pruners.HyperbandPruner(),
-            "none": optuna.pruners.NopPruner()}[pruner]
-    with storage_lock(url):
-        study = optuna.create_study(storage=open_storage(url, heartbeat), study_name=name, direction="minimize",
-                                    load_if_exists=True, pruner=prun,
-                                    sampler=optuna.samplers.TPESampler(seed=sampler_seed))
+    name, url = study_name or "mutransfer", storage or "sqlite:///mutransfer-study.db"
+    study, _ = create_study(url, name, heartbeat, make_pruner(pruner, n_startup=3), where="study_name")
+    study.sampler = make_sampler(sampler, sampler_seed, n_startup=10)
 
     def objective(trial: optuna.Trial) -> float:
-        values = {}
-        for k, r in rng.items():
-            values[k] = (trial.suggest_categorical(k, r.choices) if r.choices is not None
-                         else trial.suggest_float(k, float(r.low), float(r.high), log=r.log))
-        hp = base.with_values(values)
-        model, opt, _ = parametrize(factory, width, width, hp, optimizer, args or {}, seed=trial.number)
+        model, opt, _ = parametrize(factory, width, width, base.with_values(suggest(trial, rng)), optimizer,
+                                    args or {}, seed=trial.number)
 
         def report(value: float, step: int) -> None:
             trial.report(float(value), int(step))
@@ -83,7 +111,7 @@ def tune(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width:
         fail_stale(study, 3 * heartbeat)
         study.optimize(objective, n_trials=1, catch=())
     good = [t for t in study.get_trials(deepcopy=False)
-            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+            if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
     if not good:
         raise UserError("tune", "no trial finished with a finite value")
     best = min(good, key=lambda t: t.value)

@@ -23,52 +23,45 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import optuna
 import torch
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..console import PlainLines, make_console
-from ..run import experiment
-from ..errors import UserError
-from ..outputs_guard import check_output
+from ..console import MeanEta, PlainLines, make_console
 from ..engine.hparams import HParams
+from ..errors import UserError
+from ..flags import validate
+from ..outputs_guard import check_output
 from ..report.loggers import Loggers, check_kinds
+from ..run import experiment
+from ..run.batched_trials import Outcome, choose_parallel, precision, probe, run_group
 from ..run.hparams_file import default_path, write_hparams_file
 from ..run.recipe import Recipe, load_recipe
+from ..run.search import check_comparable, create_study, pruner_for, sampler_for, seeded, suggest
+from ..run.study import (
+    Heartbeat,
+    check_journal_file,
+    count_finished,
+    default_storage,
+    fail_stale,
+    journal_path,
+    release_connections,
+    storage_file,
+)
 from ..signals import available_cpus, worker_signals
-from ..threads import choose as threads_choose, configure as threads_configure
-from ..run.study import (Heartbeat, count_finished, default_storage, fail_stale, open_storage, storage_file,
-                    storage_lock, check_journal_file, journal_path, release_connections, creation_race)
-from ..run.batched_trials import Outcome, choose_parallel, precision, probe, report_every, run_group
+from ..threads import choose as threads_choose
+from ..threads import configure as threads_configure
+from .tune_options import TuneOptions
 
 POSITIVE = ("lr", "init_scale", "eps")
 UNIT = ("momentum", "beta1", "beta2")
-
-
-@dataclass
-class TuneOptions:
-    """Everything a worker needs (plain data: it crosses to spawned processes)."""
-    recipe_path: str
-    trials: int
-    width: int
-    storage: str
-    study_name: str
-    out: str
-    plot: Optional[str]
-    workers: int
-    threads: int = 0           # torch threads per worker (0: torch's default)
-    log: tuple = ()            # --log tensorboard|wandb|csv: every finished trial, at the end (loggers.py)
-    depth: Optional[int] = None  # the depth tuned at (recipes with depths:; default depths.proxy)
-    device: str = "cpu"          # trials' device: cpu | cuda | cuda:N (workers on several GPUs: one each)
-    parallel_trials: int = 0     # trials trained at once per worker (0: chosen from memory and model size)
 
 
 # ---------------------------------------------------------------- options ---------------------------------
@@ -105,46 +98,33 @@ def _check_params(recipe: Recipe) -> None:
                                               "or use tpe, gp or random") from None
 
 
-def make_options(recipe: Recipe, recipe_path: Path | str, trials: Optional[int] = None, width: Optional[int] = None,
-                 storage: Optional[str] = None, study_name: Optional[str] = None, workers: int = 1,
-                 out: Optional[Path | str] = None, plot: Optional[Path | str] = None,
-                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
-                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> TuneOptions:
-    """Flags over the recipe, validated (UserError naming the flag or field)."""
-    if trials is not None and trials <= 0:
-        raise UserError("--trials", "must be > 0")
-    if width is not None and width <= 0:
-        raise UserError("--width", "must be > 0")
-    if workers <= 0:
-        raise UserError("--workers", "must be > 0")
-    if parallel_trials is not None and not 1 <= parallel_trials <= 4096:
-        raise UserError("--parallel-trials", f"must be between 1 and 4096, got {parallel_trials}")
-    if threads is not None and not 1 <= threads <= 4096:
-        raise UserError("--threads", f"must be between 1 and 4096, got {threads}")
-    cpus_avail = available_cpus()
-    device = experiment.resolve_device(device)
+def make_options(recipe: Recipe, opts: TuneOptions) -> TuneOptions:
+    """The options with every default filled from the recipe and the machine, validated (UserError
+    naming the flag or field) before any study or file is touched."""
+    validate(opts)
+    workers, device = opts.workers, experiment.resolve_device(opts.device)
     if device.startswith("cuda"):
         gpus = torch.cuda.device_count()
         if workers > max(1, gpus) * 8:
             raise UserError("--workers", f"{workers} workers for {gpus} GPU(s): at most 8 per GPU")
-    elif workers > cpus_avail:
-        raise UserError("--workers", f"{workers} workers but only {cpus_avail} CPUs are available to this process")
-    if study_name is not None and not study_name.strip():
+    elif workers > available_cpus():
+        raise UserError("--workers", f"{workers} workers but only {available_cpus()} CPUs are available to this process")
+    if opts.study_name is not None and not opts.study_name.strip():
         raise UserError("--study-name", "must not be empty")
-    st = storage or default_storage(recipe.name)
+    st = opts.storage or default_storage(recipe.name)
     if st.startswith("journal:"):
         check_journal_file(journal_path(st))     # before any lock or file is created next to it
-    protect = [Path(recipe_path), storage_file(st)]
-    check_output(out or default_path(recipe.name), "--out", "hparams", protect)
-    check_output(plot, "--plot", "tune plot", protect, suffix=".png")
+    out = opts.out or default_path(recipe.name)
+    protect = [Path(opts.recipe), storage_file(st)]
+    check_output(out, "--out", "hparams", protect)
+    check_output(opts.plot, "--plot", "tune plot", protect, suffix=".png")
     _check_params(recipe)
-    return TuneOptions(
-        recipe_path=str(recipe_path), trials=trials or recipe.search.trials, width=width or recipe.widths.proxy,
-        storage=storage or default_storage(recipe.name), study_name=study_name or recipe.name,
-        out=str(out or default_path(recipe.name)), plot=None if plot is None else str(plot), workers=workers,
-        threads=threads if threads else (threads_choose(workers) if workers > 1 else 0),
-        log=tuple(check_kinds(list(log))), depth=_tune_depth(recipe, depth), device=device,
-        parallel_trials=parallel_trials or 0,
+    return replace(
+        opts, recipe=str(opts.recipe), trials=opts.trials or recipe.search.trials,
+        width=opts.width or recipe.widths.proxy, storage=st, study_name=opts.study_name or recipe.name,
+        out=str(out), plot=None if opts.plot is None else str(opts.plot),
+        threads=opts.threads or (threads_choose(workers) if workers > 1 else None),
+        log=tuple(check_kinds(list(opts.log))), depth=_tune_depth(recipe, opts.depth), device=device,
     )
 
 
@@ -160,8 +140,6 @@ def _tune_depth(recipe: Recipe, depth: Optional[int]) -> Optional[int]:
         return recipe.depths.proxy if recipe.depths is not None else None
     if recipe.depths is None:
         raise UserError("--depth", "the recipe has no depths: section")
-    if depth < 1:
-        raise UserError("--depth", f"must be >= 1, got {depth}")
     return depth
 
 
@@ -170,90 +148,26 @@ def recipe_for(opts: TuneOptions, recipe: Recipe) -> Recipe:
     return experiment.at_depth(recipe, opts.depth) if opts.depth is not None else recipe
 
 
-def startup_trials(recipe: Recipe, trials: int) -> int:
-    s = recipe.search.startup_trials
-    return s if s is not None else min(10, max(3, trials // 3))
+# ---------------------------------------------------------------- study ----------------------------------
 
-
-# ---------------------------------------------------------------- sampler, pruner, study ------------------
-
-def make_sampler(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.samplers.BaseSampler:
-    kind, n0 = recipe.search.sampler, startup_trials(recipe, trials)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if kind == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if kind == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(1, n0))
-        if kind == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n0)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n0, multivariate=True, constant_liar=True)
-
-
-def make_pruner(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
-    every, total = report_every(recipe), recipe.train.steps      # a trial's seeds train side by side
-    kind = recipe.search.pruner
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=total, reduction_factor=3)
-    # never on a trial's first report: early validation losses say little
-    return optuna.pruners.MedianPruner(n_startup_trials=max(1, startup_trials(recipe, trials)),
-                                       n_warmup_steps=every + 1)
-
-
-STUDY_ATTRS = ("width", "steps", "optimizer", "seeds")
+# what a study records about its trials, and the flag or field that sets each
+STUDY_ATTRS = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer", "seeds": "search.seeds"}
 
 
 def open_study(opts: TuneOptions, recipe: Recipe, worker: int = 0) -> optuna.Study:
     """Create or load the study; refuse to mix trials from another width, step count, optimizer or seeds."""
-    optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials are summarised by tune itself
     want = {"width": opts.width, "steps": recipe.train.steps, "optimizer": recipe.train.optimizer,
             "seeds": recipe.search.seeds}
     if opts.depth is not None:
         want["depth"] = opts.depth
-    with storage_lock(opts.storage):    # two tunes on a new SQLite file: one creates, the other loads
-        storage = open_storage(opts.storage, recipe.search.heartbeat)
-        for attempt in range(8):
-            try:
-                study = optuna.create_study(storage=storage, study_name=opts.study_name, direction="minimize",
-                                            load_if_exists=True, pruner=make_pruner(recipe, opts.trials))
-                break
-            except ValueError as e:   # e.g. an existing multi-objective study of that name
-                raise UserError("--study-name", f"{opts.study_name!r}: {e}") from None
-            except Exception as e:  # noqa: BLE001 - a database server: two processes creating at once
-                if attempt == 7 or not creation_race(e):
-                    raise
-                time.sleep(0.2 + 0.3 * attempt)
-        have = study.user_attrs
-        if not have:
-            for k, v in want.items():
-                study.set_user_attr(k, v)
-    if have:
-        for k in STUDY_ATTRS:
-            if k in have and have[k] != want[k]:
-                flag = {"width": "--width", "steps": "train.steps", "optimizer": "train.optimizer",
-                        "seeds": "search.seeds", "depth": "--depth"}[k]
-                raise UserError(flag, f"study {opts.study_name!r} in {opts.storage} was tuned with {k} = {have[k]}, "
-                                      f"not {want[k]}; its trials are not comparable (use another --study-name)")
-    seed = recipe.search.sampler_seed
-    if seed is not None:   # a resumed run or another worker must not replay the same random draws
-        seed = seed + 7919 * worker + len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(recipe, opts.trials, seed)
+    study, have = create_study(opts.storage, opts.study_name, recipe.search.heartbeat,
+                               pruner_for(recipe, opts.trials), want)
+    check_comparable(have, want, STUDY_ATTRS, opts.study_name, opts.storage)
+    study.sampler = sampler_for(recipe, opts.trials, seeded(recipe.search.sampler_seed, worker, study))
     return study
 
 
 # ---------------------------------------------------------------- objective -------------------------------
-
-def suggest(trial: optuna.Trial, recipe: Recipe) -> dict[str, Any]:
-    values = {}
-    for name, rng in recipe.search.params.items():
-        if rng.choices is not None:
-            values[name] = trial.suggest_categorical(name, rng.choices)
-        else:
-            values[name] = trial.suggest_float(name, float(rng.low), float(rng.high), log=rng.log)
-    return values
-
 
 class Objective:
     """One trial at a time as an Optuna objective (a group of one): for scripts and benchmarks that
@@ -266,7 +180,7 @@ class Objective:
         self.val = experiment.val_batches(recipe, recipe.train.eval_batches, seed=recipe.train.seed)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        hp = self.base.with_values(suggest(trial, self.recipe))
+        hp = self.base.with_values(suggest(trial, self.recipe.search.params))
         out = run_group(self.recipe, self.width, self.device, [trial], [hp], self.val)[0]
         for k, v in out.attrs.items():
             trial.set_user_attr(k, v)
@@ -352,7 +266,7 @@ class Worker:
 
         def hp(trial) -> HParams:
             if trial.number not in values:
-                values[trial.number] = self.base.with_values(suggest(trial, self.recipe))
+                values[trial.number] = self.base.with_values(suggest(trial, self.recipe.search.params))
             return values[trial.number]
 
         def more(k: int) -> list:
@@ -432,7 +346,7 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
     warnings.simplefilter("ignore", UserWarning)
     try:
         say = (lambda m: print(f"tune: {m}", file=sys.stderr)) if worker == 0 else None
-        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe_path)), worker, say=say)
+        run_worker(opts, recipe_for(opts, load_recipe(opts.recipe)), worker, say=say)
     except KeyboardInterrupt:
         sys.exit(130)
     except UserError as e:
@@ -443,18 +357,6 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]tune[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[best]}"),
                     TimeElapsedColumn(), TextColumn("eta"), MeanEta(), console=console, transient=False)
-
-
-class MeanEta(ProgressColumn):
-    """Time left from the mean time per finished unit since the start: rich's own estimate needs
-    several units within its 30 s window and shows -:--:-- when a unit (a trial) takes longer."""
-
-    def render(self, task):
-        done = task.completed - task.fields.get("start_done", 0)
-        if not task.elapsed or done <= 0 or task.total is None:
-            return Text("-:--:--")
-        left = int(task.elapsed / done * max(0.0, task.total - task.completed))
-        return Text(f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
 
 
 def _best_text(study: optuna.Study) -> str:
@@ -540,7 +442,7 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
     best = min(good, key=lambda t: t.value)
     if opts.log:
         log_trials(opts, study)
-    out = write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
+    out = write_hparams_file(opts.out, recipe=opts.recipe, proxy_width=opts.width,
                              optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
                              study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
                              extra={"trials": finished, "batch_size": recipe.train.batch_size,
@@ -637,16 +539,13 @@ def log_trials(opts: TuneOptions, study: optuna.Study) -> None:
         lg.close()
 
 
-def tune_command(recipe_path: Path, trials: Optional[int], width: Optional[int], storage: Optional[str],
-                 study_name: Optional[str], workers: int, out: Optional[Path], plot: Optional[Path],
-                 log: tuple = (), depth: Optional[int] = None, device: str = "cpu",
-                 parallel_trials: Optional[int] = None, threads: Optional[int] = None) -> int:
-    """The CLI's `tune`: load and validate, then tune()."""
-    recipe = load_recipe(recipe_path)
-    opts = make_options(recipe, recipe_path, trials, width, storage, study_name, workers, out, plot, log, depth,
-                        device, parallel_trials, threads)
-    if threads and workers == 1:
-        threads_configure(1, threads)
+def tune_command(opts: TuneOptions, console: Optional[Console] = None) -> tuple[int, TuneOptions]:
+    """`tune`, from either front door (the CLI, mutransfer.tune): load and validate, then tune().
+    The exit code and the options as resolved (where the hparams file went)."""
+    recipe = load_recipe(opts.recipe)
+    opts = make_options(recipe, opts)
+    if opts.threads and opts.workers == 1:
+        threads_configure(1, opts.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return tune(opts, recipe)
+        return tune(opts, recipe, console), opts

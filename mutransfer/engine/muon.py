@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .spectral import MUON
+
 
 class MuonAdamW(torch.optim.Optimizer):
     """One optimizer over two: torch.optim.Muon (groups with optimizer "muon") and torch.optim.AdamW
@@ -22,8 +24,8 @@ class MuonAdamW(torch.optim.Optimizer):
     torch.distributed.checkpoint see a plain optimizer."""
 
     def __init__(self, groups: list[dict], hp, adam_kw: dict[str, Any]):
-        mu = [g for g in groups if g.get("optimizer") == "muon"]
-        ad = [g for g in groups if g.get("optimizer") != "muon"]
+        mu = [g for g in groups if g.get("optimizer") == MUON]
+        ad = [g for g in groups if g.get("optimizer") != MUON]
         self.muon = torch.optim.Muon(mu, lr=hp.lr, weight_decay=0.0, momentum=hp.muon_momentum,
                                      nesterov=hp.nesterov, ns_steps=hp.ns_steps) if mu else None
         self.adamw = torch.optim.AdamW(ad, lr=hp.adam_lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,

@@ -21,6 +21,7 @@ from ..errors import UserError
 from .hparams import HParams
 from .plan import at_horizon, MUP, Plan, make_plan
 from .shapes import Shapes, infer_shapes
+from .spectral import ADAMW, MUON, SGD, Optimizer
 
 
 @dataclass
@@ -154,7 +155,7 @@ def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
     return list(groups.values())
 
 
-def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Optional[torch.device] = None,
+def make_optimizer(groups: list[dict], optimizer: Optimizer, hp: HParams, device: Optional[torch.device] = None,
                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
     spec = optimizers.get(optimizer)
     if spec is not None:                 # a class named in train.optimizer (engine/optimizers.py)
@@ -162,16 +163,16 @@ def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Opti
     if fused is None:
         fused = device is not None and torch.device(device).type == "cuda"
     kw: dict[str, Any] = {}
-    if optimizer == "sgd":
+    if optimizer == SGD:
         return torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
                                foreach=True if device is None or torch.device(device).type == "cpu" else None)
     if fused:
         kw["fused"] = True
     elif device is None or torch.device(device).type == "cpu":
         kw["foreach"] = True   # torch defaults to a per-tensor Python loop on CPU
-    if optimizer == "muon":
+    if optimizer == MUON:
         return MuonAdamW(groups, hp, kw)
-    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    cls = torch.optim.AdamW if optimizer == ADAMW else torch.optim.Adam
     return cls(groups, lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, **kw)
 
 
@@ -180,7 +181,7 @@ def parametrize(
     width: int,
     base_width: int,
     hparams: Optional[HParams] = None,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = ADAMW,
     args: Optional[dict[str, Any]] = None,
     layouts: Optional[dict[str, str]] = None,
     device: str | torch.device = "cpu",

@@ -22,12 +22,13 @@ This module imports nothing from torch on purpose: check it against the paper in
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-SGD = "sgd"
-ADAM = "adam"
-ADAMW = "adamw"
-MUON = "muon"
-OPTIMIZERS = (SGD, ADAM, ADAMW, MUON)
+# the optimizers the rules know (a recipe's train.optimizer): the package's one vocabulary for them
+Optimizer = Literal["sgd", "adam", "adamw", "muon"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SGD, ADAM, ADAMW, MUON = OPTIMIZERS
+ADAM_FAMILY = (ADAM, ADAMW)        # Adam's update (entries Theta(lr)), its eps
 
 
 # Optimizers named by class (engine/optimizers.py) declare the family of their update; each family

@@ -20,14 +20,15 @@ Rows can be dropped (`retain`) when trials end, so finished trials cost nothing 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from ..engine.spectral import ADAM, ADAMW, MUON, OPTIMIZERS, SGD, torch_muon_factor
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # torch.optim.Muon's (Keller Jordan's quintic)
 NS_EPS = 1e-7
-KINDS = ("adam", "adamw", "sgd", "muon")
+KINDS = OPTIMIZERS
 MAPS = ("lr", "initial_lr", "weight_decay", "eps", "beta1", "beta2", "momentum", "muon_momentum")
 
 
@@ -72,14 +73,14 @@ class BatchedOptimizer:
         kind, grad, m0 = g["kind"], g["grad"], g["muon_cols"]
         st["t"] = [t + 1 for t in st.get("t", [0] * p.shape[0])]     # each row's own step count
         wd = g["weight_decay"]
-        if kind in ("adamw", "muon") and (torch.is_tensor(wd) or wd != 0.0):
+        if kind in (ADAMW, MUON) and (torch.is_tensor(wd) or wd != 0.0):
             p.mul_(1 - g["lr"] * wd)                          # decoupled ("independent") decay, every column
-        if kind == "muon":
+        if kind == MUON:
             self._muon(p[:, :m0], grad[:, :m0], st, g)
         pe, ge = p[:, m0:], grad[:, m0:]
-        if kind in ("adam", "sgd") and (torch.is_tensor(wd) or wd != 0.0):
+        if kind in (ADAM, SGD) and (torch.is_tensor(wd) or wd != 0.0):
             ge = ge + _cols(wd, m0) * pe                       # coupled L2
-        if kind == "sgd":
+        if kind == SGD:
             self._sgd(pe, ge, st, g)
         else:
             self._adam(pe, ge, st, g, m0)
@@ -134,7 +135,7 @@ class BatchedOptimizer:
         for off, rows, cols in g["matrices"]:
             n = rows * cols
             o = newton_schulz(update[:, off:off + n].reshape(S, rows, cols), int(g["ns_steps"]))
-            lr = g["lr"][:, off:off + 1] * math.sqrt(max(1.0, rows / cols))
+            lr = g["lr"][:, off:off + 1] * torch_muon_factor((rows, cols))     # as torch.optim.Muon
             p[:, off:off + n].sub_(lr * o.reshape(S, n).to(p.dtype))
 
     def zero_grad(self, set_to_none: bool = True) -> None:

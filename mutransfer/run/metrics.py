@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..atomic import write_text
+from ..console import hms
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, FLOP/s.
 PEAK_BF16 = (
@@ -113,13 +114,6 @@ class MetricsFile:
             self.f = None
 
 
-def _hms(s: float) -> str:
-    if s != s:
-        return "-:--:--"
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class LiveProgress:
     """Callback: a rich progress bar with the latest loss, val loss, throughput and MFU."""
 
@@ -159,7 +153,7 @@ class LiveProgress:
                 done = state.step - self.s0
                 el = time.perf_counter() - self.t0
                 eta = el / done * (self.total - state.step) if done else float("nan")
-                self.console.print(f"step {state.step}/{self.total} {info} elapsed {_hms(el)} eta {_hms(eta)}",
+                self.console.print(f"step {state.step}/{self.total} {info} elapsed {hms(el)} eta {hms(eta)}",
                                    highlight=False, soft_wrap=True)
             return
         self.progress.update(self.task, completed=state.step, info=info)

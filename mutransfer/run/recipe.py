@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import UserError
 from ..yaml_io import load_yaml
+from ..flags import warmup_problem
 from ..engine.hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
+from ..engine.spectral import MUON
 
 LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed", "stacked out_in", "stacked in_out", "stacked vector")
 
@@ -176,7 +178,7 @@ class Train(_Strict):
     @field_validator("optimizer")
     @classmethod
     def _muon_available(cls, v):
-        if v == "muon":
+        if v == MUON:
             import torch
             if not hasattr(torch.optim, "Muon"):
                 raise ValueError(f"muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
@@ -202,8 +204,8 @@ class Train(_Strict):
 
     @model_validator(mode="after")
     def _warmup(self) -> "Train":
-        if self.warmup >= self.steps and self.warmup > 0:
-            raise ValueError(f"warmup ({self.warmup}) must be below steps ({self.steps})")
+        if warmup_problem(self.warmup, self.steps):
+            raise ValueError(warmup_problem(self.warmup, self.steps))
         return self
 
 

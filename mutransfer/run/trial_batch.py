@@ -32,6 +32,7 @@ from .batched_optim import BatchedOptimizer, slot_grad_clip
 from ..engine.hparams import HParams
 from ..engine.outputs import select
 from ..engine.parametrize import Parametrized
+from ..engine.spectral import MUON
 
 # the stacked parameters are strided views of the flat tensor and so are their gradients: autograd
 # accumulates into them in place all the same, and says so once per run; nothing to act on
@@ -71,7 +72,7 @@ class TrialBatch(nn.Module):
         params, buffers = stack_module_state([s.built.model for s in specs])
         plan0 = specs[0].built.plan
         # Muon's matrices first (batched_optim updates them per matrix, the rest elementwise)
-        names = sorted(params, key=lambda n: plan0.params[n].optimizer != "muon")
+        names = sorted(params, key=lambda n: plan0.params[n].optimizer != MUON)
         self._aliases = _aliases(self.base)
         # parameters the factory froze stay frozen: no gradient, LR 0 (batched_optim then leaves them)
         self.frozen = {n for n, p in self.base.named_parameters() if not p.requires_grad}
@@ -349,10 +350,10 @@ def make_optimizer(batch: TrialBatch, optimizer: str) -> BatchedOptimizer:
     """The batched optimizer over the flat parameter: every element's LR, decay and eps are its slot's
     value for its parameter (the slots' plans); betas and momenta are per slot."""
     group = {"kind": optimizer, **slot_values(batch, batch.plans, batch.hps)}
-    if optimizer == "muon":
+    if optimizer == MUON:
         plan0 = batch.plans[0]
         mats = [(off, shape[0], shape[1]) for name, off, shape in batch.layout
-                if plan0.params[name].optimizer == "muon"]
+                if plan0.params[name].optimizer == MUON]
         group.update(nesterov=batch.hps[0].nesterov, ns_steps=batch.hps[0].ns_steps, matrices=mats,
                      muon_cols=sum(r * c for _, r, c in mats))
     return BatchedOptimizer(batch.flat, batch.flat_grad, group)
