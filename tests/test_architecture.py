@@ -144,3 +144,76 @@ def test_the_version_is_the_projects():
 
     text = (PKG.parent / "pyproject.toml").read_text()
     assert f'version = "{mutransfer.__version__}"' in text
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(PKG)): p.read_text() for p in PKG.rglob("*.py")}
+
+
+def _defined_in(pattern: str) -> list[str]:
+    import re
+
+    return sorted(name for name, text in _sources().items() if re.search(pattern, text, re.M))
+
+
+def test_each_shared_rule_has_one_home():
+    """Things that once lived in two or three places (issue 20), each defined in one module only."""
+    assert _defined_in(r"^\s*SWEEPABLE\s*=") == ["engine/hparams.py"]
+    assert _defined_in(r"^\s*(TUNABLE_NAMES|MULTIPLIER_NAMES|SCALAR_NAMES)\s*=") == ["engine/hparams.py"]
+    assert _defined_in(r"^\s*(POSITIVE|UNIT)\s*=") == []                   # ranges: hparams.TUNABLES
+    assert _defined_in(r"optuna\.(samplers|pruners)\.\w+\(") == ["run/search.py"]
+    assert _defined_in(r"^\s*def suggest\(") == ["run/search.py"]
+    assert _defined_in(r"3600") == ["console.py"]                           # H:MM:SS: console.hms
+    assert _defined_in(r"math\.sqrt\(max\(1(\.0)?, ") == ["engine/spectral.py"]   # torch.optim.Muon's factor
+    assert _defined_in(r"must be below steps") == ["flags.py"]              # flags.warmup_problem
+    assert _defined_in(r"^\s*(Optimizer|OPTIMIZERS)\s*[:=]") == ["engine/spectral.py"]
+
+
+# modules that still compare optimizer names as bare strings (their owners' clean-up; shrink, never grow)
+BARE_OPTIMIZER_NAMES = {"report/explain.py", "commands/scale.py"}
+
+
+def test_optimizer_names_come_from_one_vocabulary():
+    """`optimizer == "sgd"` and the like only through spectral's constants (SGD, ADAM, ADAMW, MUON)."""
+    names = {"sgd", "adam", "adamw", "muon"}
+    bare = set()
+    for rel, text in _sources().items():
+        if rel == "engine/spectral.py":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Compare):
+                for c in ast.walk(node):
+                    if isinstance(c, ast.Constant) and c.value in names:
+                        bare.add(rel)
+    assert bare <= BARE_OPTIMIZER_NAMES, sorted(bare - BARE_OPTIMIZER_NAMES)
+
+
+def test_every_tunable_is_declared_once_and_used_by_its_readers():
+    from mutransfer.engine.hparams import SWEEPABLE, TUNABLE_NAMES, TUNABLES, HParams
+
+    assert TUNABLE_NAMES == tuple(TUNABLES) and set(SWEEPABLE) <= set(TUNABLES)
+    for name, t in TUNABLES.items():
+        good = True if t.range == "bool" else 0.5
+        assert t.problem(good) is None, name
+        HParams().with_values({name: good})
+        assert t.problem("x") is not None
+    assert TUNABLES["beta1"].problem(1.0) and TUNABLES["weight_decay"].problem(-1) and TUNABLES["lr"].problem(0)
+    assert TUNABLES["zero_readout"].problem(1) and TUNABLES["lr"].problem(True)
+
+
+def test_tune_flags_are_the_python_api_keywords():
+    """`mutransfer tune --help` lists exactly the fields of TuneOptions (the same names the Python API
+    takes), so a flag added once appears at both front doors."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from mutransfer.cli import app
+    from mutransfer.commands.tune_options import TuneOptions
+    from mutransfer.flags import cli_name, declared
+
+    out = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200"}).output
+    flags = {cli_name(f, m) for f, m in declared(TuneOptions) if not m.argument}
+    listed = {w for w in out.replace("│", " ").split() if w.startswith("--") and w != "--help"}
+    assert listed == flags
+    assert [f.name for f in dataclasses.fields(TuneOptions)] == [f.name for f, _ in declared(TuneOptions)]

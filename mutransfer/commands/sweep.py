@@ -29,7 +29,7 @@ from ..signals import available_cpus
 from ..threads import choose as threads_choose
 from ..errors import UserError
 from ..flags import at_least, warmup_problem
-from ..engine.hparams import MULTIPLIER_NAMES
+from ..engine.hparams import SWEEPABLE
 from ..run.recipe import Recipe, recipe_to_dict
 from ..run.result_cache import ResultCache, cache_key
 from ..report.sweep_fit import (Optimum, TRANSFER_EXIT, drift, mean_or_none, optimum, shared_index, transfer,
@@ -37,7 +37,6 @@ from ..report.sweep_fit import (Optimum, TRANSFER_EXIT, drift, mean_or_none, opt
 
 PARAMETRIZATIONS = ("mup", "sp")
 # tunables a sweep can vary: positive numbers, so a log2 axis makes sense
-SWEEPABLE = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
 LABEL = {"mup": "μP", "sp": "SP"}
 # what the two arms are called on each axis: the rule under test, and the control without it
 ARMS = {"width": LABEL, "depth": {"mup": "depth rule", "sp": "no depth rule"},

@@ -29,7 +29,7 @@ import math
 from os import PathLike
 from typing import Any, Callable, Optional
 
-from ..engine.hparams import TUNABLE_NAMES, HParams
+from ..engine.hparams import HParams
 from ..engine.spectral import Optimizer
 from ..errors import UserError
 from ..flags import at_least
@@ -64,15 +64,15 @@ def tune_recipe(recipe: str | PathLike, **options: Any) -> dict:
 
 def _space(space: dict[str, Any]) -> dict:
     from ..run.recipe import Range
+    from ..run.search import check_space
 
     out = {}
     for k, v in space.items():
-        if k not in TUNABLE_NAMES:
-            raise UserError(f"space.{k}", f"unknown tunable; known: {', '.join(TUNABLE_NAMES)}")
         try:
             out[k] = v if isinstance(v, Range) else Range(**v)
         except Exception as e:  # noqa: BLE001 - pydantic's message names the problem
             raise UserError(f"space.{k}", str(e).splitlines()[-1] if str(e) else "bad range") from None
+    check_space(out, "space")
     return out
 
 

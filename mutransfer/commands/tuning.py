@@ -44,7 +44,16 @@ from ..run import experiment
 from ..run.batched_trials import Outcome, choose_parallel, precision, probe, run_group
 from ..run.hparams_file import default_path, write_hparams_file
 from ..run.recipe import Recipe, load_recipe
-from ..run.search import check_comparable, create_study, pruner_for, sampler_for, seeded, suggest
+from ..run.search import (
+    check_comparable,
+    check_sampler,
+    check_space,
+    create_study,
+    pruner_for,
+    sampler_for,
+    seeded,
+    suggest,
+)
 from ..run.study import (
     Heartbeat,
     check_journal_file,
@@ -60,43 +69,7 @@ from ..threads import choose as threads_choose
 from ..threads import configure as threads_configure
 from .tune_options import TuneOptions
 
-POSITIVE = ("lr", "init_scale", "eps")
-UNIT = ("momentum", "beta1", "beta2")
-
-
 # ---------------------------------------------------------------- options ---------------------------------
-
-def _check_params(recipe: Recipe) -> None:
-    """Every searched value must make a valid HParams (types, signs), before any trial runs."""
-    search = recipe.search
-    if not search.params:
-        raise UserError(f"{recipe.path or 'recipe'}: search.params",
-                        "is empty: name at least one tunable to search, e.g. lr: {low: 1.0e-4, high: 1.0e-1, log: true}")
-    base = HParams.from_train(recipe.train)
-    for name, rng in search.params.items():
-        where = f"search.params.{name}"
-        values = rng.choices if rng.choices is not None else [rng.low, rng.high]
-        for v in values:
-            if name == "zero_readout":
-                if not isinstance(v, bool):
-                    raise UserError(where, f"choices must be true/false, got {v!r}")
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise UserError(where, f"values must be numbers, got {v!r}")
-            if (name in POSITIVE or name.endswith(("_lr", "_init", "_mult"))) and not v > 0:
-                raise UserError(where, f"values must be > 0, got {v!r}")
-            if name in UNIT and not 0 <= v < 1:
-                raise UserError(where, f"values must be in [0, 1), got {v!r}")
-            if name == "weight_decay" and v < 0:
-                raise UserError(where, f"values must be >= 0, got {v!r}")
-        base.with_values({name: values[0]})
-    if search.sampler == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise UserError("search.sampler", "cmaes needs the `cmaes` package (pip install cmaes); "
-                                              "or use tpe, gp or random") from None
-
 
 def make_options(recipe: Recipe, opts: TuneOptions) -> TuneOptions:
     """The options with every default filled from the recipe and the machine, validated (UserError
@@ -118,7 +91,8 @@ def make_options(recipe: Recipe, opts: TuneOptions) -> TuneOptions:
     protect = [Path(opts.recipe), storage_file(st)]
     check_output(out, "--out", "hparams", protect)
     check_output(opts.plot, "--plot", "tune plot", protect, suffix=".png")
-    _check_params(recipe)
+    check_space(recipe.search.params, f"{recipe.path or 'recipe'}: search.params", HParams.from_train(recipe.train))
+    check_sampler(recipe.search.sampler)
     return replace(
         opts, recipe=str(opts.recipe), trials=opts.trials or recipe.search.trials,
         width=opts.width or recipe.widths.proxy, storage=st, study_name=opts.study_name or recipe.name,

@@ -11,15 +11,69 @@ All multipliers default to 1; values are those of the proxy (they transfer uncha
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, Optional
 
 ROLES = ("input", "hidden", "output", "vector", "fixed")
 MULTIPLIER_ROLES = ("input", "hidden", "output", "vector")
-MULTIPLIER_NAMES = tuple(f"{r}_{k}" for r in MULTIPLIER_ROLES for k in ("lr", "init", "mult"))
-SCALAR_NAMES = ("lr", "init_scale", "weight_decay", "momentum", "beta1", "beta2", "eps", "zero_readout", "adam_lr")
 ADAM_LR_DEFAULT = 1e-3     # optimizer: muon without train.adam_lr: the AdamW LR of non-hidden parameters
-TUNABLE_NAMES = SCALAR_NAMES + MULTIPLIER_NAMES
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """One tunable, declared once: its kind and range (`problem`), whether `sweep` can grid it (a
+    positive number, log-spaced), and how it enters the plan: a field of HParams (role None) or the
+    multiplier `what` (lr | init | mult) of the weights of `role`."""
+    name: str
+    range: Literal["positive", "unit", "nonneg", "bool"]   # > 0 | [0, 1) | >= 0 | true/false
+    sweepable: bool = False
+    role: Optional[str] = None
+    what: Optional[str] = None
+
+    @property
+    def kind(self) -> type:
+        return bool if self.range == "bool" else float
+
+    def problem(self, v: Any) -> Optional[str]:
+        """Why `v` is not a value of this tunable ("must be ..."); None when it is one."""
+        if self.range == "bool":
+            return None if isinstance(v, bool) else "must be true or false"
+        if isinstance(v, bool):
+            return "must be a number, not true/false"
+        if not isinstance(v, (int, float)):
+            return "must be a number"
+        if not math.isfinite(v):
+            return "must be a finite number"
+        if self.range == "unit":
+            return None if 0 <= v < 1 else "must be in [0, 1)"
+        if self.range == "nonneg":
+            return None if v >= 0 else "must be >= 0"
+        return None if v > 0 else "must be > 0"
+
+
+TUNABLES: dict[str, Tunable] = {t.name: t for t in (
+    Tunable("lr", "positive", sweepable=True),
+    Tunable("init_scale", "positive", sweepable=True),
+    Tunable("weight_decay", "nonneg", sweepable=True),
+    Tunable("momentum", "unit"),
+    Tunable("beta1", "unit"),
+    Tunable("beta2", "unit"),
+    Tunable("eps", "positive", sweepable=True),
+    Tunable("zero_readout", "bool"),
+    Tunable("adam_lr", "positive"),          # optimizer: muon only, AdamW's LR for the non-hidden parameters
+    *(Tunable(f"{r}_{k}", "positive", sweepable=True, role=r, what=k)
+      for r in MULTIPLIER_ROLES for k in ("lr", "init", "mult")),
+)}
+TUNABLE_NAMES = tuple(TUNABLES)
+SCALAR_NAMES = tuple(n for n, t in TUNABLES.items() if t.role is None)
+MULTIPLIER_NAMES = tuple(n for n, t in TUNABLES.items() if t.role is not None)
+SWEEPABLE = tuple(n for n, t in TUNABLES.items() if t.sweepable)
+
+
+def unknown(name: str) -> str:
+    """The message for a name that is not a tunable."""
+    return f"unknown tunable {name!r}; known: {', '.join(TUNABLE_NAMES)}"
 
 
 @dataclass(frozen=True)
@@ -44,17 +98,12 @@ class HParams:
 
     def with_values(self, values: dict[str, Any]) -> "HParams":
         """A copy with tunables replaced by name (as found in search params or hparams files)."""
-        scalars = {k: v for k, v in values.items() if k in SCALAR_NAMES}
-        mults = dict(self.multipliers)
+        scalars, mults = {}, dict(self.multipliers)
         for k, v in values.items():
-            if k in MULTIPLIER_NAMES:
-                mults[k] = float(v)
-            elif k not in SCALAR_NAMES:
+            if k not in TUNABLES:
                 raise KeyError(k)
-        if "zero_readout" in scalars:
-            scalars["zero_readout"] = bool(scalars["zero_readout"])
-        for k in set(scalars) - {"zero_readout"}:
-            scalars[k] = float(scalars[k])
+            t = TUNABLES[k]
+            (scalars if t.role is None else mults)[k] = t.kind(v)
         return replace(self, multipliers=mults, **scalars)
 
     def flat(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ tensor operations per step whatever the number of parameters and trials:
   SGD    g <- g + wd p;  b <- momentum b + g (b = g at the first step);  p <- p - lr b
   Muon   the first `muon_cols` columns hold the hidden matrices (torch.optim.Muon's step, per matrix,
          batched over slots): p <- p (1 - lr wd); b <- lerp(b, g, 1 - mu); u <- lerp(g, b, mu)
-         (Nesterov) or b; O <- Newton-Schulz(u) in bf16; p <- p - lr sqrt(max(1, A/B)) O.
+         (Nesterov) or b; O <- Newton-Schulz(u) in bf16; p <- p - lr torch_muon_factor((A, B)) O (= sqrt(max(1, A/B)), spectral.py).
          The remaining columns are AdamW's.
 
 Rows can be dropped (`retain`) when trials end, so finished trials cost nothing afterwards.

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import UserError
 from ..yaml_io import load_yaml
 from ..flags import warmup_problem
-from ..engine.hparams import TUNABLE_NAMES, MULTIPLIER_NAMES
+from ..engine.hparams import MULTIPLIER_NAMES, SWEEPABLE, TUNABLES, unknown
 from ..engine.spectral import MUON
 
 LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed", "stacked out_in", "stacked in_out", "stacked vector")
@@ -198,8 +198,8 @@ class Train(_Strict):
         for k, x in v.items():
             if k not in MULTIPLIER_NAMES:
                 raise ValueError(f"unknown multiplier {k!r}; known: {', '.join(MULTIPLIER_NAMES)}")
-            if not x > 0:
-                raise ValueError(f"multiplier {k} must be > 0")
+            if TUNABLES[k].problem(x):
+                raise ValueError(f"multiplier {k} {TUNABLES[k].problem(x)}")
         return v
 
     @model_validator(mode="after")
@@ -292,8 +292,8 @@ class Search(_Strict):
     @classmethod
     def _names(cls, v: dict[str, Range]):
         for k in v:
-            if k not in TUNABLE_NAMES:
-                raise ValueError(f"unknown tunable {k!r}; known: {', '.join(TUNABLE_NAMES)}")
+            if k not in TUNABLES:
+                raise ValueError(unknown(k))
         return v
 
 
@@ -320,7 +320,7 @@ class Sweep(_Strict):
     lrs: Optional[list[float]] = None
     seeds: int = Field(default=1, gt=0)
     steps: Optional[int] = Field(default=None, gt=0)
-    param: str = "lr"                                      # or a positive tunable (sweep.SWEEPABLE)
+    param: str = "lr"                                      # or another of hparams.SWEEPABLE
     values: Optional[list[float]] = None                   # the grid when param is not lr
     parametrization: Literal["mup", "sp", "both"] = "both"
     batch_size: Optional[int] = Field(default=None, gt=0)  # default: train.batch_size
@@ -344,9 +344,8 @@ class Sweep(_Strict):
     @field_validator("param")
     @classmethod
     def _param(cls, v):
-        ok = ("lr", "init_scale", "weight_decay", "eps") + MULTIPLIER_NAMES
-        if v not in ok:
-            raise ValueError(f"cannot sweep {v!r}; sweepable: {', '.join(ok)}")
+        if v not in SWEEPABLE:
+            raise ValueError(f"cannot sweep {v!r}; sweepable: {', '.join(SWEEPABLE)}")
         return v
 
 

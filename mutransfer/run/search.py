@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import optuna
 
+from ..engine.hparams import TUNABLES, HParams, unknown
 from ..errors import UserError
 from .batched_trials import report_every
 from .recipe import Range, Recipe
@@ -56,6 +57,33 @@ def sampler_for(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.samp
 def pruner_for(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
     return make_pruner(recipe.search.pruner, startup_trials(recipe, trials), report_every(recipe),
                        recipe.train.steps)
+
+
+def check_space(space: dict[str, Range], where: str, base: Optional[HParams] = None) -> None:
+    """Every value a search may try (a range's ends, each choice) is one of its tunable's (TUNABLES),
+    and makes a valid HParams, before any trial runs. UserError naming `where`.NAME."""
+    if not space:
+        raise UserError(where, "is empty: name at least one tunable to search, "
+                               "e.g. lr: {low: 1.0e-4, high: 1.0e-1, log: true}")
+    for name, rng in space.items():
+        if name not in TUNABLES:
+            raise UserError(f"{where}.{name}", unknown(name))
+        values = rng.choices if rng.choices is not None else [rng.low, rng.high]
+        for v in values:
+            why = TUNABLES[name].problem(v)
+            if why:
+                raise UserError(f"{where}.{name}", f"{'choices' if rng.choices is not None else 'values'} {why}, "
+                                                   f"got {v!r}")
+        (base or HParams()).with_values({name: values[0]})
+
+
+def check_sampler(kind: str) -> None:
+    if kind == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise UserError("search.sampler", "cmaes needs the `cmaes` package (pip install cmaes); "
+                                              "or use tpe, gp or random") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Range]) -> dict[str, Any]:
