@@ -147,6 +147,24 @@ def test_bad_search_section_names_the_field(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "search.params.momentum" in res.output
 
 
+def test_python_api_takes_the_cli_options_and_checks_them_the_same_way(tmp_path, monkeypatch):
+    """mutransfer.tune(recipe, **options) runs the CLI's implementation: same options, same checks,
+    the written hparams file's contents returned."""
+    import mutransfer
+
+    monkeypatch.chdir(tmp_path)
+    tiny_recipe(Path("t.yaml"), steps=4)
+    with pytest.raises(mutransfer.UserError, match="--trials"):
+        mutransfer.tune("t.yaml", trials=0)
+    with pytest.raises(mutransfer.UserError, match="--parallel-trials"):
+        mutransfer.tune("t.yaml", parallel_trials=5000)
+    with pytest.raises(TypeError):
+        mutransfer.tune("t.yaml", trails=2)
+    best = mutransfer.tune("t.yaml", trials=2, out="best.yaml", device="cpu", parallel_trials=2)
+    assert best == read_hparams_file("best.yaml") and best["proxy_width"] == 16 and best["trials"] == 2
+    assert count_finished(load("sqlite:///runs/tiny/study.db")) == 2
+
+
 def test_journal_heartbeat_fails_only_stale_running_trials(tmp_path):
     url = f"journal:{tmp_path / 'j.log'}"
     study = optuna.create_study(study_name="s", storage=open_storage(url))

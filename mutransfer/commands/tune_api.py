@@ -29,7 +29,7 @@ import math
 from os import PathLike
 from typing import Any, Callable, Optional
 
-from ..engine.hparams import HParams
+from ..engine.hparams import TUNABLES, HParams, unknown
 from ..engine.spectral import Optimizer
 from ..errors import UserError
 from ..flags import at_least
@@ -62,41 +62,51 @@ def tune_recipe(recipe: str | PathLike, **options: Any) -> dict:
     return read_hparams_file(opts.out)
 
 
-def _space(space: dict[str, Any]) -> dict:
-    from ..run.recipe import Range
-    from ..run.search import check_space
+def _search(space: dict[str, Any], search: dict[str, Any]):
+    """The recipe's `search:` section from the space and the keyword options (trials, sampler, pruner,
+    sampler_seed, heartbeat, startup_trials): validated by the same schema and checks as a recipe's."""
+    from pydantic import ValidationError
 
-    out = {}
-    for k, v in space.items():
-        try:
-            out[k] = v if isinstance(v, Range) else Range(**v)
-        except Exception as e:  # noqa: BLE001 - pydantic's message names the problem
-            raise UserError(f"space.{k}", str(e).splitlines()[-1] if str(e) else "bad range") from None
-    check_space(out, "space")
-    return out
+    from ..run.recipe import Search
+    from ..run.search import check_sampler, check_space
+
+    for k in space:            # named before pydantic, which would place the error at `params`
+        if k not in TUNABLES:
+            raise UserError(f"space.{k}", unknown(k))
+    try:
+        s = Search.model_validate({"params": space, **search})
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"] if not str(x).startswith("function-")]
+        where = ("space." + ".".join(loc[1:])) if loc[:1] == ["params"] else ".".join(loc) or "tune"
+        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise UserError(where if loc[:1] == ["params"] else f"tune: {where}", msg) from None
+    check_space(s.params, "space")
+    check_sampler(s.sampler)
+    return s
 
 
-def tune_loop(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width: int, trials: int,
+def tune_loop(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width: int,
               storage: Optional[str] = None, study_name: Optional[str] = None, args: Optional[dict] = None,
-              optimizer: Optimizer = "adamw", hparams: Optional[HParams] = None, pruner: str = "median",
-              sampler: str = "tpe", sampler_seed: Optional[int] = None, heartbeat: int = 10) -> dict:
-    """The study of `space` at `width` for a user's own loop (see the module's docstring)."""
+              optimizer: Optimizer = "adamw", hparams: Optional[HParams] = None, **search: Any) -> dict:
+    """The study of `space` at `width` for a user's own loop (see the module's docstring). `search`:
+    the options of a recipe's `search:` section (trials, sampler, pruner, sampler_seed, heartbeat, ...)."""
     import optuna
 
     from ..engine.parametrize import parametrize
-    from ..run.search import create_study, make_pruner, make_sampler, suggest
+    from ..run.search import create_study, make_pruner, make_sampler, startup_trials, suggest
     from ..run.study import count_finished, fail_stale
 
-    at_least(trials, 1, "trials")
     at_least(width, 1, "width")
-    rng = _space(space)
+    s = _search(space, search)
+    trials, heartbeat, n0 = s.trials, s.heartbeat, startup_trials(s, s.trials)
     base = hparams or HParams()
     name, url = study_name or "mutransfer", storage or "sqlite:///mutransfer-study.db"
-    study, _ = create_study(url, name, heartbeat, make_pruner(pruner, n_startup=3), where="study_name")
-    study.sampler = make_sampler(sampler, sampler_seed, n_startup=10)
+    study, _ = create_study(url, name, heartbeat, make_pruner(s.pruner, n0), where="study_name")
+    study.sampler = make_sampler(s.sampler, s.sampler_seed, n0)
 
     def objective(trial: optuna.Trial) -> float:
-        model, opt, _ = parametrize(factory, width, width, base.with_values(suggest(trial, rng)), optimizer,
+        model, opt, _ = parametrize(factory, width, width, base.with_values(suggest(trial, s.params)), optimizer,
                                     args or {}, seed=trial.number)
 
         def report(value: float, step: int) -> None:

@@ -13,17 +13,17 @@ import optuna
 from ..engine.hparams import TUNABLES, HParams, unknown
 from ..errors import UserError
 from .batched_trials import report_every
-from .recipe import Range, Recipe
+from .recipe import Range, Recipe, Search
 from .study import creation_race, open_storage, storage_lock
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes")
 PRUNERS = ("median", "hyperband", "none")
 
 
-def startup_trials(recipe: Recipe, trials: int) -> int:
+def startup_trials(search: Search, trials: int) -> int:
     """Random trials before a model-based sampler (and the median pruner) acts: search.startup_trials,
     else a third of the trials between 3 and 10."""
-    s = recipe.search.startup_trials
+    s = search.startup_trials
     return s if s is not None else min(10, max(3, trials // 3))
 
 
@@ -51,11 +51,11 @@ def make_pruner(kind: str, n_startup: int, every: int = 1, total: Any = "auto") 
 
 
 def sampler_for(recipe: Recipe, trials: int, seed: Optional[int]) -> optuna.samplers.BaseSampler:
-    return make_sampler(recipe.search.sampler, seed, startup_trials(recipe, trials))
+    return make_sampler(recipe.search.sampler, seed, startup_trials(recipe.search, trials))
 
 
 def pruner_for(recipe: Recipe, trials: int) -> optuna.pruners.BasePruner:
-    return make_pruner(recipe.search.pruner, startup_trials(recipe, trials), report_every(recipe),
+    return make_pruner(recipe.search.pruner, startup_trials(recipe.search, trials), report_every(recipe),
                        recipe.train.steps)
 
 

@@ -204,10 +204,10 @@ def train(
     validation batches. `no_sync()` (e.g. DDP's `model.no_sync`) wraps every micro-batch but the last
     of a step, so gradients are all-reduced once per step. A NaN/inf loss, or a loss above
     divergence_factor x the first, stops training with state.diverged set (before the optimizer
-    step: the parameters stay those of the last good step)."""
+    step: the parameters stay those of the last good step). A TrialBatch takes the same path, each
+    slot judged on its own (the module's docstring)."""
     callbacks = list(callbacks)
-    dev = config.device
-    cuda = torch.device(dev).type == "cuda"
+    cuda = torch.device(config.device).type == "cuda"
     amp = config.amp if config.amp is not None else cuda
     if cuda and config.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -215,84 +215,36 @@ def train(
     fwd = forward if forward is not None else model
     world = _world()
     state = State(model, optimizer, config, step=config.start_step)
-    trials = model if isinstance(model, TrialBatch) else None
-    output = None if trials is not None else config.output      # a TrialBatch selects inside each slot
-    if trials is not None:
-        state.slots = [Slot() for _ in trials.seeds]
+    run = (_Stack if isinstance(model, TrialBatch) else _Single)(state, world, amp)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
     model.train()
     _call(callbacks, "on_start", state)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    busy, samples, tokens = 0.0, 0, 0     # time spent in training steps (not validation/callbacks) since the last log
-    while (trials is not None or state.step < config.steps) and not state.stop:
+    pace = _Pace(world)
+    while run.going() and not state.stop:
         t_step = time.perf_counter()
-        f = (_trials_lr(state, trials, config) if trials is not None else
-             lr_factor(state.step, config.steps, config.schedule, config.warmup, config.min_lr_ratio))
+        f = run.lr_factor()
         for g in optimizer.param_groups:
             # a factor of 1 keeps the initial LR as it is (for batched trials a whole map, not re-made)
             g["lr"] = g["initial_lr"] if (not torch.is_tensor(f) and f == 1.0) else g["initial_lr"] * f
         state.lr = f if not torch.is_tensor(f) else float(f.mean())
         acc = None
         for i in range(config.grad_accum):
-            x, y = _to(_next_batch(data, state.step), dev)
+            x, y = _to(_next_batch(data, state.step), config.device)
             last = i == config.grad_accum - 1
             with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    raw = fwd(x)
-                    out = select(raw, output)
-                loss = (trials.slot_losses(config.loss, out, y) if trials is not None
-                        else loss_fn(config.loss, out, y)) / config.grad_accum
-                if config.aux_losses and trials is None:
-                    loss = loss + _aux_terms(raw, config, state.aux, i == 0) / config.grad_accum
+                    out = fwd(x)
+                loss = run.loss(out, y, i)             # this micro-batch's share of the step's objective
                 loss.sum().backward()          # slots' losses are independent: each gets its own gradient
             acc = loss.detach() if acc is None else acc + loss.detach()
-            samples += x.shape[0]
-            tokens += y.numel() if y.dim() >= 2 and config.loss == "cross_entropy" else x.shape[0]
-        if trials is not None:
-            _trials_step(state, trials, optimizer, acc, config)
-            due = [i for i in trials.live if state.slots[i].ended is None and _eval_due(state.slots[i].steps, config)]
-            if val_batches and due:
-                _trials_eval(state, trials, evaluate(model, val_batches, config.loss, dev, amp), due)
-                _call(callbacks, "on_eval", state)
-            for i in trials.live:
-                if state.slots[i].ended is None and state.slots[i].steps >= config.steps:
-                    state.slots[i].ended = "finished"
-            _call(callbacks, "on_step", state)
-            _trials_retain(state, trials, optimizer, callbacks)
-            continue
-        total = _global_mean(acc, world)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if not math.isfinite(total):
-            optimizer.zero_grad(set_to_none=True)
-            state.loss, state.diverged, state.stop = total, True, True
-            state.reason = f"loss became {total} at step {state.step + 1}"
+            pace.count(x, y, config.loss)
+        if not run.step(acc):                  # a NaN/inf loss: stopped before the optimizer step
             break
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.loss = total
-        if state.first_loss is None:
-            state.first_loss = total
-        if config.divergence_factor and total > config.divergence_factor * state.first_loss and state.step > 1:
-            state.diverged, state.stop = True, True
-            state.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {state.first_loss:.4g}"
-        busy += time.perf_counter() - t_step
-        if state.step % config.log_every == 0 or state.step == config.steps:
-            dt = max(busy, 1e-9)
-            state.samples_per_s, state.tokens_per_s = samples * world / dt, tokens * world / dt
-            busy, samples, tokens = 0.0, 0, 0
-        state.val_loss = None
-        if val_batches and not state.diverged and (
-            (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps
-        ):
-            state.val_loss = evaluate(model, val_batches, config.loss, dev, amp, config.output)
-            if not math.isfinite(state.val_loss):
-                state.diverged, state.stop = True, True
-                state.reason = f"validation loss became {state.val_loss} at step {state.step}"
-            _call(callbacks, "on_eval", state)
+        pace.tick(state, t_step)
+        run.evaluate(val_batches, callbacks)
         _call(callbacks, "on_step", state)
+        run.settle(callbacks)
     _call(callbacks, "on_end", state)
     return state
 
@@ -314,68 +266,173 @@ def _aux_terms(raw: Any, config: TrainConfig, record: dict, first: bool) -> torc
     return total
 
 
+def divergence(unit, total: float, steps: int, factor: Optional[float]) -> Optional[str]:
+    """Why a run (a State, or one slot of a TrialBatch) whose loss at its step `steps` is `total` has
+    diverged; None when it has not. Its first finite loss is recorded here (unit.first_loss)."""
+    if not math.isfinite(total):
+        return f"loss became {total} at step {steps}"
+    if unit.first_loss is None:
+        unit.first_loss = total
+    elif factor and steps > 1 and total > factor * unit.first_loss:
+        return f"loss {total:.4g} exceeds {factor}x its first value {unit.first_loss:.4g}"
+    return None
+
+
 def _eval_due(steps: int, config: TrainConfig) -> bool:
     return bool(config.eval_every and steps % config.eval_every == 0) or steps == config.steps
 
 
-def _trials_lr(state: State, trials: TrialBatch, config: TrainConfig):
-    """Each live slot's schedule factor at its own step: one number while they agree, else a column."""
-    fs = [lr_factor(state.slots[i].steps, config.steps, config.schedule, config.warmup, config.min_lr_ratio)
-          for i in trials.live]
-    if all(f == fs[0] for f in fs):
-        return fs[0]
-    return torch.tensor(fs, dtype=torch.float32, device=trials.flat.device).view(-1, 1)
+class _Pace:
+    """Throughput over the training steps (not validation or callbacks) since the last log line."""
+
+    def __init__(self, world: int):
+        self.world, self.busy, self.samples, self.tokens = world, 0.0, 0, 0
+
+    def count(self, x: torch.Tensor, y: torch.Tensor, loss: str) -> None:
+        self.samples += x.shape[0]
+        self.tokens += y.numel() if y.dim() >= 2 and loss == "cross_entropy" else x.shape[0]
+
+    def tick(self, state: State, t_step: float) -> None:
+        self.busy += time.perf_counter() - t_step
+        c = state.config
+        if state.step % c.log_every == 0 or state.step == c.steps:
+            dt = max(self.busy, 1e-9)
+            state.samples_per_s, state.tokens_per_s = self.samples * self.world / dt, self.tokens * self.world / dt
+            self.busy, self.samples, self.tokens = 0.0, 0, 0
 
 
-def _trials_step(state: State, trials: TrialBatch, optimizer, acc: torch.Tensor, config: TrainConfig) -> None:
-    """One optimizer step of every live slot; then each slot's loss, first loss and divergence."""
-    totals = acc.float().tolist()
-    if config.grad_clip:
-        trials.clip_grad_norm_(config.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    state.step += 1
-    finite = []
-    for slot_id, total in zip(trials.live, totals):
-        sl = state.slots[slot_id]
-        sl.steps += 1
-        sl.loss, sl.val_loss = total, None
-        if not math.isfinite(total):
-            sl.ended, sl.reason = "diverged", f"loss became {total} at step {sl.steps}"
-            continue
-        finite.append(total)
-        if sl.first_loss is None:
-            sl.first_loss = total
-        elif config.divergence_factor and total > config.divergence_factor * sl.first_loss:
-            sl.ended = "diverged"
-            sl.reason = f"loss {total:.4g} exceeds {config.divergence_factor}x its first value {sl.first_loss:.4g}"
-    state.loss = sum(finite) / len(finite) if finite else float("nan")
-    if state.first_loss is None:
-        state.first_loss = state.loss
+class _Single:
+    """One model: one loss a step (averaged over ranks), training stops when it diverges."""
+
+    def __init__(self, state: State, world: int, amp: bool):
+        self.state, self.c, self.world, self.amp = state, state.config, world, amp
+        self.params = [p for g in state.optimizer.param_groups for p in g["params"]]
+
+    def going(self) -> bool:
+        return self.state.step < self.c.steps
+
+    def lr_factor(self):
+        c = self.c
+        return lr_factor(self.state.step, c.steps, c.schedule, c.warmup, c.min_lr_ratio)
+
+    def loss(self, out, y: torch.Tensor, micro: int) -> torch.Tensor:
+        c = self.c
+        loss = loss_fn(c.loss, select(out, c.output), y) / c.grad_accum
+        if c.aux_losses:
+            loss = loss + _aux_terms(out, c, self.state.aux, micro == 0) / c.grad_accum
+        return loss
+
+    def step(self, acc: torch.Tensor) -> bool:
+        state, opt = self.state, self.state.optimizer
+        total = _global_mean(acc, self.world)
+        if self.c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.c.grad_clip)
+        why = divergence(state, total, state.step + 1, self.c.divergence_factor)
+        state.loss = total
+        if why and not math.isfinite(total):
+            opt.zero_grad(set_to_none=True)
+            state.diverged, state.stop, state.reason = True, True, why
+            return False
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        if why:
+            state.diverged, state.stop, state.reason = True, True, why
+        return True
+
+    def evaluate(self, val_batches: Optional[list], callbacks: list) -> None:
+        state, c = self.state, self.c
+        state.val_loss = None
+        if val_batches and not state.diverged and _eval_due(state.step, c):
+            state.val_loss = evaluate(state.model, val_batches, c.loss, c.device, self.amp, c.output)
+            if not math.isfinite(state.val_loss):
+                state.diverged, state.stop = True, True
+                state.reason = f"validation loss became {state.val_loss} at step {state.step}"
+            _call(callbacks, "on_eval", state)
+
+    def settle(self, callbacks: list) -> None:
+        pass
 
 
-def _trials_eval(state: State, trials: TrialBatch, values: list, due: list[int]) -> None:
-    """Validation losses of the slots due (every live slot was evaluated; the others keep None)."""
-    good = []
-    for slot_id, v in zip(trials.live, values):
-        sl = state.slots[slot_id]
-        if slot_id not in due:
-            continue
-        sl.val_loss = v
-        if not math.isfinite(v):
-            sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {sl.steps}"
-        else:
-            good.append(v)
-    state.val_loss = min(good) if good else None
+class _Stack:
+    """A TrialBatch: one loss per slot, and each slot its own step count (its LR schedule and
+    evaluation points follow it), first loss, divergence, validation loss and end."""
 
+    def __init__(self, state: State, world: int, amp: bool):
+        self.state, self.c, self.amp = state, state.config, amp
+        self.trials: TrialBatch = state.model
+        state.slots = [Slot() for _ in self.trials.seeds]
 
-def _trials_retain(state: State, trials: TrialBatch, optimizer, callbacks: list) -> None:
-    """Let `on_refill` callbacks add slots (TrialBatch.add) where others ended; drop the slots that
-    ended from the stack (and the optimizer); stop when none is left."""
-    _call(callbacks, "on_refill", state)
-    state.slots += [Slot() for _ in range(len(trials.seeds) - len(state.slots))]
-    keep = [i for i in trials.live if state.slots[i].ended is None]
-    if not keep:                      # the last rows stay (their values can be read after training)
-        state.stop = "every slot ended"
-    elif len(keep) < len(trials.live):
-        trials.retain(keep, optimizer)
+    def going(self) -> bool:
+        return True                    # until no slot is left (settle sets state.stop)
+
+    def lr_factor(self):
+        """Each live slot's schedule factor at its own step: one number while they agree, else a column."""
+        c, slots = self.c, self.state.slots
+        fs = [lr_factor(slots[i].steps, c.steps, c.schedule, c.warmup, c.min_lr_ratio) for i in self.trials.live]
+        if all(f == fs[0] for f in fs):
+            return fs[0]
+        return torch.tensor(fs, dtype=torch.float32, device=self.trials.flat.device).view(-1, 1)
+
+    def loss(self, out, y: torch.Tensor, micro: int) -> torch.Tensor:
+        # each slot selected its prediction; auxiliary losses are a single model's (config.aux_losses)
+        return self.trials.slot_losses(self.c.loss, select(out, None), y) / self.c.grad_accum
+
+    def step(self, acc: torch.Tensor) -> bool:
+        """One optimizer step of every live slot; then each slot's loss, first loss and divergence."""
+        state, opt = self.state, self.state.optimizer
+        totals = acc.float().tolist()
+        if self.c.grad_clip:
+            self.trials.clip_grad_norm_(self.c.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        finite = []
+        for slot_id, total in zip(self.trials.live, totals):
+            sl = state.slots[slot_id]
+            sl.steps += 1
+            sl.loss, sl.val_loss = total, None
+            why = divergence(sl, total, sl.steps, self.c.divergence_factor)
+            if why:
+                sl.ended, sl.reason = "diverged", why
+            if math.isfinite(total):
+                finite.append(total)
+        state.loss = sum(finite) / len(finite) if finite else float("nan")
+        if state.first_loss is None:
+            state.first_loss = state.loss
+        return True
+
+    def evaluate(self, val_batches: Optional[list], callbacks: list) -> None:
+        """Validation losses of the slots due (every live slot is evaluated; the others keep None);
+        then the slots that reached config.steps are "finished"."""
+        state, c, live = self.state, self.c, self.trials.live
+        due = [i for i in live if state.slots[i].ended is None and _eval_due(state.slots[i].steps, c)]
+        if val_batches and due:
+            values = evaluate(self.trials, val_batches, c.loss, c.device, self.amp)
+            good = []
+            for slot_id, v in zip(live, values):
+                sl = state.slots[slot_id]
+                if slot_id not in due:
+                    continue
+                sl.val_loss = v
+                if not math.isfinite(v):
+                    sl.ended, sl.reason = "diverged", f"validation loss became {v} at step {sl.steps}"
+                else:
+                    good.append(v)
+            state.val_loss = min(good) if good else None
+            _call(callbacks, "on_eval", state)
+        for i in live:
+            if state.slots[i].ended is None and state.slots[i].steps >= c.steps:
+                state.slots[i].ended = "finished"
+
+    def settle(self, callbacks: list) -> None:
+        """Let `on_refill` callbacks add slots (TrialBatch.add) where others ended; drop the slots that
+        ended from the stack (and the optimizer); stop when none is left."""
+        state, trials = self.state, self.trials
+        _call(callbacks, "on_refill", state)
+        state.slots += [Slot() for _ in range(len(trials.seeds) - len(state.slots))]
+        keep = [i for i in trials.live if state.slots[i].ended is None]
+        if not keep:                      # the last rows stay (their values can be read after training)
+            state.stop = "every slot ended"
+        elif len(keep) < len(trials.live):
+            trials.retain(keep, state.optimizer)
