@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mutransfer.commands import sweep as sw  # noqa: E402
 from mutransfer.errors import UserError  # noqa: E402
-from mutransfer.run.recipe import load_recipe  # noqa: E402
 from mutransfer.report.sweep_fit import mean_or_none, optimum  # noqa: E402
-
+from mutransfer.run.recipe import load_recipe  # noqa: E402
 
 DEVICE = "cpu"
 

@@ -34,14 +34,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer.run import experiment  # noqa: E402
-from mutransfer.run.recipe import load_recipe  # noqa: E402
-from mutransfer.engine.shapes import build_meta  # noqa: E402
-from mutransfer.run.train import loss_fn  # noqa: E402
 from mutransfer.commands.tuning import Objective  # noqa: E402
+from mutransfer.engine.shapes import build_meta  # noqa: E402
+from mutransfer.run import experiment  # noqa: E402
 from mutransfer.run.batched_trials import report_every  # noqa: E402
+from mutransfer.run.recipe import load_recipe  # noqa: E402
 from mutransfer.run.search import pruner_for, sampler_for  # noqa: E402
-
+from mutransfer.run.train import loss_fn  # noqa: E402
 
 DEVICE = "cpu"      # --device: where every trial of (a) and (b) trains
 

@@ -13,9 +13,9 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
+from mutransfer.engine.hparams import HParams
 from mutransfer.run import experiment
 from mutransfer.run.batched_trials import build_batch, probe, run_group
-from mutransfer.engine.hparams import HParams
 from mutransfer.run.recipe import parse_recipe
 from mutransfer.run.train import train
 from mutransfer.run.trial_batch import SlotData, make_optimizer

@@ -14,12 +14,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import UserError
 from . import optimizers
 from .branches import BranchScale
-from .muon import MuonAdamW
-from ..errors import UserError
 from .hparams import HParams
-from .plan import at_horizon, MUP, Plan, make_plan
+from .muon import MuonAdamW
+from .plan import MUP, Plan, at_horizon, make_plan
 from .shapes import Shapes, infer_shapes
 from .spectral import ADAMW, MUON, SGD, Optimizer
 

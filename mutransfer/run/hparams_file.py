@@ -18,9 +18,9 @@ from typing import Any, Optional
 import yaml
 
 from ..atomic import write_text
+from ..engine.hparams import TUNABLES, HParams, unknown
 from ..errors import UserError
 from ..outputs_guard import marker
-from ..engine.hparams import TUNABLES, HParams, unknown
 from ..yaml_io import load_yaml
 
 REQUIRED = ("proxy_width", "optimizer", "hparams")

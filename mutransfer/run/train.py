@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
 from ..engine.outputs import OutputError, select
+from ..errors import UserError
 from .trial_batch import TrialBatch
 
 LOSSES = ("cross_entropy", "mse")

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .batched_optim import BatchedOptimizer, slot_grad_clip
 from ..engine.hparams import HParams
 from ..engine.outputs import select
 from ..engine.parametrize import Parametrized
 from ..engine.spectral import MUON
+from .batched_optim import BatchedOptimizer, slot_grad_clip
 
 # the stacked parameters are strided views of the flat tensor and so are their gradients: autograd
 # accumulates into them in place all the same, and says so once per run; nothing to act on
