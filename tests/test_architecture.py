@@ -168,7 +168,7 @@ def test_each_shared_rule_has_one_home():
     assert _defined_in(r"must be below steps") == ["flags.py"]              # flags.warmup_problem
     assert _defined_in(r"^\s*(Optimizer|OPTIMIZERS)\s*[:=]") == ["engine/spectral.py"]
     # divergence is judged once (train.divergence), for a single model and for each slot of a TrialBatch
-    assert sum(text.count("x its first value") for text in _sources().values()) == 1
+    assert sum(text.count("x its first value {") for text in _sources().values()) == 1
 
 
 # modules that still compare optimizer names as bare strings (their owners' clean-up; shrink, never grow)
