@@ -443,7 +443,7 @@ def measure_horizon(opts: TuneOptions, recipe: Recipe, best, finished: int, stud
     search_s = sum(t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration is not None)
     h["search_seconds"] = round(search_s, 1)
     console.print(f"measurement cost {h['seconds']:.0f} s, the search's {search_s:.0f} s (trial time)", highlight=False)
-    write_hparams_file(opts.out, recipe=opts.recipe_path, proxy_width=opts.width,
+    write_hparams_file(opts.out, recipe=opts.recipe, proxy_width=opts.width,
                        optimizer=recipe.train.optimizer, hparams=best.params, best_value=best.value,
                        study=opts.study_name, storage=opts.storage, steps=recipe.train.steps,
                        extra={"trials": finished, "batch_size": recipe.train.batch_size,
