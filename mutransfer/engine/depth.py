@@ -27,8 +27,6 @@ argument. At the proxy depth every factor is 1: the model is the plain one.
 """
 from __future__ import annotations
 
-from .spectral import ADAM_FAMILY, MUON, SGD
-
 ALPHAS = (0.5, 1.0)
 
 
@@ -49,9 +47,9 @@ def lr_ratio(base_depth: int, depth: int, alpha: float, optimizer: str) -> float
     """LR of a parameter inside a residual block at depth L over its LR at the base depth."""
     _check(base_depth, depth, alpha)
     r = depth / base_depth
-    if optimizer == SGD:
+    if optimizer == "sgd":
         return r ** (2 * alpha - 1)
-    if optimizer in (*ADAM_FAMILY, MUON):     # an update of fixed size, as Adam's
+    if optimizer in ("adam", "adamw", "muon"):     # an update of fixed size, as Adam's
         return r ** (alpha - 1)
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
