@@ -30,7 +30,6 @@ from os import PathLike
 from typing import Any, Callable, Optional
 
 from ..engine.hparams import TUNABLES, HParams, unknown
-from ..engine.spectral import Optimizer
 from ..errors import UserError
 from ..flags import at_least
 from .tune_options import TuneOptions
@@ -88,7 +87,7 @@ def _search(space: dict[str, Any], search: dict[str, Any]):
 
 def tune_loop(factory: Callable, train_fn: Callable, space: dict[str, Any], *, width: int,
               storage: Optional[str] = None, study_name: Optional[str] = None, args: Optional[dict] = None,
-              optimizer: Optimizer = "adamw", hparams: Optional[HParams] = None, **search: Any) -> dict:
+              optimizer: str = "adamw", hparams: Optional[HParams] = None, **search: Any) -> dict:
     """The study of `space` at `width` for a user's own loop (see the module's docstring). `search`:
     the options of a recipe's `search:` section (trials, sampler, pruner, sampler_seed, heartbeat, ...)."""
     import optuna

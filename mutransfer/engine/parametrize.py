@@ -21,7 +21,7 @@ from .hparams import HParams
 from .muon import MuonAdamW
 from .plan import MUP, Plan, at_horizon, make_plan
 from .shapes import Shapes, infer_shapes
-from .spectral import ADAMW, MUON, SGD, Optimizer
+from .spectral import ADAMW, MUON, SGD
 
 
 @dataclass
@@ -155,7 +155,7 @@ def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
     return list(groups.values())
 
 
-def make_optimizer(groups: list[dict], optimizer: Optimizer, hp: HParams, device: Optional[torch.device] = None,
+def make_optimizer(groups: list[dict], optimizer: str, hp: HParams, device: Optional[torch.device] = None,
                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
     spec = optimizers.get(optimizer)
     if spec is not None:                 # a class named in train.optimizer (engine/optimizers.py)
@@ -181,7 +181,7 @@ def parametrize(
     width: int,
     base_width: int,
     hparams: Optional[HParams] = None,
-    optimizer: Optimizer = ADAMW,
+    optimizer: str = ADAMW,
     args: Optional[dict[str, Any]] = None,
     layouts: Optional[dict[str, str]] = None,
     device: str | torch.device = "cpu",
