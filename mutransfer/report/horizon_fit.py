@@ -36,14 +36,23 @@ def _finite(y) -> bool:
 
 
 def loss_at(xs: Sequence[float], losses: Sequence[Optional[float]], x: float) -> Optional[float]:
-    """The curve at x, by linear interpolation between finished grid points; None outside them."""
+    """The curve at x: the parabola through the three finished grid points around x (a loss curve in
+    log LR is locally quadratic, and a chord would overstate the loss between grid points), else linear
+    interpolation between two; None outside the finished points."""
     pts = [(a, b) for a, b in zip(xs, losses) if _finite(b)]
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    if len(pts) >= 3:
+        # the three consecutive points whose middle one is nearest to x
+        j = min(range(1, len(pts) - 1), key=lambda k: abs(pts[k][0] - x))
+        (x0, y0), (x1, y1), (x2, y2) = pts[j - 1:j + 2]
+        if x0 <= x <= x2:
+            return (y0 * (x - x1) * (x - x2) / ((x0 - x1) * (x0 - x2)) + y1 * (x - x0) * (x - x2) / ((x1 - x0) * (x1 - x2))
+                    + y2 * (x - x0) * (x - x1) / ((x2 - x0) * (x2 - x1)))
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    if pts and (x == pts[0][0] or x == pts[-1][0]):
-        return pts[0][1] if x == pts[0][0] else pts[-1][1]
-    return None
+    return pts[0][1] if x == pts[0][0] else pts[-1][1]
 
 
 def best_loss(xs: Sequence[float], losses: Sequence[Optional[float]]) -> Optional[float]:
