@@ -397,7 +397,7 @@ def test_wandb_settings_are_checked_before_anything_is_written(tmp_path, monkeyp
 
 @pytest.mark.parametrize("field,value,needle", [
     ("best_value", "low", "best_value"), ("steps", "-3", "steps"), ("proxy_depth", "1.5", "proxy_depth"),
-    ("optimizer", "lion", "optimizer"),
+    ("optimizer", "[1, 2]", "optimizer"),
 ])
 def test_hparams_file_fields_are_checked_when_read(tmp_path, field, value, needle):
     r = recipe(tmp_path)

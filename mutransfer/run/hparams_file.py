@@ -98,8 +98,8 @@ def _is_int(v) -> bool:
 def check_fields(p: Path, d: dict) -> None:
     """Every other field's type and range, when read (not at the end of a run that uses it)."""
     import math
-    if not isinstance(d["optimizer"], str) or d["optimizer"] not in ("sgd", "adam", "adamw", "muon"):
-        raise UserError(f"{p}: optimizer", f"must be one of sgd, adam, adamw, muon, got {d['optimizer']!r}")
+    if not isinstance(d["optimizer"], str) or not d["optimizer"].strip():
+        raise UserError(f"{p}: optimizer", f"must name the optimizer tuned with, got {d['optimizer']!r}")
     bv = d.get("best_value")
     if bv is not None and (isinstance(bv, bool) or not isinstance(bv, (int, float)) or not math.isfinite(bv)):
         raise UserError(f"{p}: best_value", f"must be a finite number (the proxy's validation loss) or null, got {bv!r}")
