@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from .commands.tune_options import TuneOptions
-from .console import make_console
+from .console import clean, literal, make_console, print_error
 from .errors import UserError
 from .flags import at_least
 from .signals import terminate_raises
@@ -65,17 +65,15 @@ def handle_errors(fn):
                 configure()           # threads from the CPUs this process may use (affinity), not the machine's
                 return fn(*a, **kw)
         except UserError as e:
-            err.print(f"[red]error:[/] {e.where}: {e.message}" if e.where else f"[red]error:[/] {e.message}",
-                      highlight=False, soft_wrap=True)
+            print_error(err, e.where, e.message)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(130)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG, errno.EPERM):
                 where = getattr(e, "filename", None) or "output"
-                err.print(f"[red]error:[/] {where}: {os.strerror(e.errno)}; what finished before is kept",
-                          highlight=False, soft_wrap=True)
+                print_error(err, str(where), f"{os.strerror(e.errno)}; what finished before is kept")
                 raise typer.Exit(2)
             raise
     return wrapper
@@ -164,7 +162,7 @@ def scale(
             from .run.experiment import at_depth
             r = at_depth(r, depth if depth is not None else r.depths.target)
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
-        make_console(highlight=False).print(f"[bold]hparams[/]: {src.source}")
+        make_console(highlight=False).print(f"[bold]hparams[/]: {literal(src.source)}")
         from .commands.scale import horizon_line, horizon_of
         from .run.experiment import target_run
         hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))
@@ -317,8 +315,8 @@ def export_cmd(
 
     folder, notes = export(run, out, checkpoint)
     for n in notes:
-        print(f"note: {n}")
-    print(f"wrote {folder / 'model.pt'} and {folder / 'config.json'}")
+        print(f"note: {clean(n)}")
+    print(clean(f"wrote {folder / 'model.pt'} and {folder / 'config.json'}"))
 
 
 def _is(e: BaseException, name: str) -> bool:

@@ -59,3 +59,36 @@ class MeanEta(ProgressColumn):
         if not task.elapsed or done <= 0 or task.total is None:
             return Text(hms(float("nan")))
         return Text(hms(task.elapsed / done * max(0.0, task.total - task.completed)))
+
+
+# ---------------------------------------------------------------- user text ------------------------------
+
+import re as _re
+
+from .errors import mask_secrets
+
+_CONTROL = _re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+
+
+def clean(value) -> str:
+    """A user's value as it may be shown: passwords masked, control characters (ANSI escapes, carriage
+    returns, bells) written as \\xNN so they cannot redraw or colour the terminal."""
+    text = mask_secrets(str(value))
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def literal(value) -> str:
+    """A user's value for a rich markup string: cleaned, with its brackets escaped so that `x[/]`,
+    `[fc]*.weight` or `'mutransfer[wandb]'` print as written. (A trailing backslash stays single: put
+    no markup tag right after a literal.)"""
+    import re
+    text = clean(value)
+    return re.sub(r"(\\*)\[(?=[a-zA-Z#/@])", lambda m: m.group(1) * 2 + "\\[", text)
+
+
+def print_error(console: Console, where: str, message: str) -> None:
+    """The one line of a user error: `error: <where>: <message>`, both printed literally."""
+    from rich.text import Text
+    line = Text("error:", style="red")
+    line.append(" " + clean(f"{where}: {message}" if where else message))
+    console.print(line, highlight=False, soft_wrap=True)

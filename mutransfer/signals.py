@@ -63,3 +63,34 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """While inside, SIGINT and SIGTERM are held back and delivered when the block ends: for the few
+    storage writes that must not be cut in two (a trial asked for but not yet recorded as ours would
+    stay RUNNING for ever). Delivered = the handler that was in place is called (a KeyboardInterrupt
+    for Ctrl-C), or the default action is taken. Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(s)
+        if h is signal.SIG_IGN or h is None:      # ignored (a background job) or not set from Python: leave it
+            continue
+        old[s] = h
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            s = got[0]
+            h = old[s]
+            if callable(h):
+                h(s, None)
+            else:                                 # SIG_DFL: the default action, now that it is back
+                os.kill(os.getpid(), s)

@@ -43,3 +43,10 @@ def lazy(width: int):
 
 def exits(width: int):
     sys.exit(0)
+
+
+def int_inputs(batch_size: int, seed: int = 0, dim: int = 8):
+    """Integer inputs for a float model (a tokenizer's ids fed to an MLP)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, 5, (batch_size, dim), generator=g), torch.randint(0, 4, (batch_size,), generator=g)

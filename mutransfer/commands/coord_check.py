@@ -8,7 +8,7 @@ from typing import Optional
 
 from rich.console import Console
 
-from ..console import make_console
+from ..console import literal, make_console
 from ..errors import UserError
 from ..outputs_guard import check_output as guard
 from ..report.coord_report import plot, progress, render, write_json
@@ -33,13 +33,17 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
         if recipe.depths is None:
             raise UserError("--depths", "the recipe has no depths: section")
         ds = coord.parse_widths(depths, "--depths")
+        for d in ds:
+            at_depth(recipe, d, "--depths")         # the recipe's depth bound, before any block is built
+        if width is not None and width < 1:
+            raise UserError("--width", f"must be >= 1, got {width}")
     elif width is not None:
         raise UserError("--width", "applies to depth ladders (--depths) only")
     ws = coord.parse_widths(widths) if widths is not None else None
     s = coord.resolve(recipe, ds if depths is not None else ws, steps, seeds, lr, optimizer, parametrization,
                       resolve_device(device))
     if depths is not None:
-        s = replace(s, depth_width=width or recipe.widths.proxy)
+        s = replace(s, depth_width=width if width is not None else recipe.widths.proxy)
     guard(json_path, "--json", "coord-check results", [recipe.path], ".json")
     guard(plot_path, "--plot", "coord-check plot", [recipe.path], ".png")
     check_recipe(recipe)
@@ -56,8 +60,8 @@ def coord_check_command(recipe: Recipe, widths: Optional[str] = None, steps: Opt
     say = (console or make_console()).print
     if json_path:
         write_json(res, json_path)
-        say(f"wrote {json_path}", highlight=False, soft_wrap=True)
+        say(f"wrote {literal(json_path)}", highlight=False, soft_wrap=True)
     if plot_path:
         plot(res, plot_path)
-        say(f"wrote {plot_path}", highlight=False, soft_wrap=True)
+        say(f"wrote {literal(plot_path)}", highlight=False, soft_wrap=True)
     return res.exit_code

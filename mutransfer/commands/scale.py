@@ -25,7 +25,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from ..console import make_console
+from ..console import literal, make_console
 from ..atomic import clean_stale_temporaries, write_text
 from ..run import checkpoint as C
 from ..run import distributed as D
@@ -266,6 +266,7 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
     # --- everything that can fail on bad input, before anything is written
     log_kinds = check_kinds(list(o.log))
     experiment.shapes_for(recipe, width)
+    experiment.check_plan(recipe, width)          # every glob field matches a parameter
     experiment.check_fits(recipe, width, "--width", d.device)
     data = C.Resumable(experiment.data_stream(recipe, "train", t.seed + d.rank, per_rank))
     experiment.check_model_output(recipe, experiment.first_batch(
@@ -305,16 +306,16 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
     def say(msg: str) -> None:
         out_console.print(msg, highlight=False, soft_wrap=True)
 
-    say(f"[bold]hparams[/]: {src.source}")
+    say(f"[bold]hparams[/]: {literal(src.source)}")
     if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
         say(horizon_line(hz, recipe))
         note = decay_note(hz, src.hparams, t.optimizer)
         if note:
             say(note)
     if o.resume and ckpt is None:
-        say(f"[yellow]--resume[/]: no checkpoint in {ck_dir}, starting from step 0")
+        say(f"[yellow]--resume[/]: no checkpoint in {literal(ck_dir)}, starting from step 0")
     if ckpt is not None:
-        say(f"[bold]resuming[/] from {newest} (step {start} of {steps})")
+        say(f"[bold]resuming[/] from {literal(newest)} (step {start} of {steps})")
 
     # --- the model: build, wrap, then the optimizer from the muP groups (after sharding)
     pm = experiment.build(recipe, width, src.hparams, device=d.device, base_width=src.base_width,
@@ -363,16 +364,21 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
                                  {"width": width, "proxy_width": src.base_width, **src.hparams.flat()}))
     callbacks.append(ckpt_cb)
 
-    say(f"[bold]scale[/] {recipe.name}: width {src.base_width} -> {width}, {n_params:,} parameters, "
+    say(f"[bold]scale[/] {literal(recipe.name)}: width {src.base_width} -> {width}, {n_params:,} parameters, "
         f"{steps} steps, global batch {batch * t.grad_accum}, device {d.device}"
         + (f", {d.world} processes ({'FSDP2' if o.fsdp else 'DDP'})" if d.enabled else ""))
     try:
         state = train(model, optimizer, data, cfg, val_batches=val, callbacks=callbacks, forward=forward,
                       no_sync=no_sync)
-    except UserError as e:     # bad data found mid-run: record it, so a rerun is not blocked by this folder
+    except Exception as e:   # bad data, a full disk, a crash mid-run: record it, so a rerun is not blocked
         if d.main:
-            write_text(out / "summary.json", json.dumps({"status": "failed", "reason": f"{e.where}: {e.message}",
-                                                         "written_by": marker("scale run")}, indent=1))
+            reason = (f"{e.where}: {e.message}" if isinstance(e, UserError) else f"{e.filename}: {e.strerror}"
+                      if isinstance(e, OSError) else f"{type(e).__name__}: {str(e)[:300]}")
+            try:
+                write_text(out / "summary.json", json.dumps({"status": "failed", "reason": reason,
+                                                             "written_by": marker("scale run")}, indent=1))
+            except OSError:
+                pass
             if lock is not None:
                 lock.release()
         raise
@@ -393,23 +399,23 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         good = C.latest(ck_dir)
         summary["status"] = "diverged"
         summary["reason"] = state.reason
-        say(f"[red bold]training stopped[/]: {state.reason}; "
-            + (f"the last good checkpoint is {good}" if good else "no checkpoint was written (use --checkpoint-every)"))
+        say(f"[red bold]training stopped[/]: {literal(state.reason)}; "
+            + (f"the last good checkpoint is {literal(good)}" if good else "no checkpoint was written (use --checkpoint-every)"))
         code = 1
     elif state.stop == "interrupted":
         summary["status"] = "interrupted"
-        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {ck_dir}; continue with --resume")
+        say(f"[yellow]interrupted[/] at step {state.step}: checkpoint saved in {literal(ck_dir)}; continue with --resume")
         code = 130
     else:
         summary["status"] = "finished"
         summary["transfer"] = check = transfer_check(state.val_loss, src.file, steps, batch, t.batch_size)
         colour = {"ok": "green", "failed": "red bold", "skipped": "yellow"}[check["status"]]
-        say(f"[{colour}]{check['message']}[/]")
+        say(f"[{colour}]{literal(check['message'])}[/]")
         from .predict_check import check_scale
         summary["prediction"] = pc = check_scale(state.val_loss, src, recipe, width, steps, batch,
                                                  out if d.main else None)
         if pc["status"] != "skipped" or (src.file or {}).get("prediction"):
-            say(f"[{ {'ok': 'green', 'missed': 'red bold'}.get(pc['status'], 'yellow')}]{pc['message']}[/]")
+            say(f"[{ {'ok': 'green', 'missed': 'red bold'}.get(pc['status'], 'yellow')}]{literal(pc['message'])}[/]")
     if d.main:
         write_text(out / "summary.json", json.dumps(_finite(summary), indent=1, default=str, allow_nan=False))
         _print_summary(summary, say)
@@ -492,7 +498,7 @@ def _print_summary(s: dict, say) -> None:
         + f"{f(s['samples_per_s'], '{:,.1f}')} samples/s (median over logging intervals)"
         + (f", MFU {100 * s['mfu']:.1f}%" if s.get("mfu") is not None else ""))
     if s.get("transfer", {}).get("status") == "failed":
-        say(f"[red bold]{s['transfer']['message']}[/]")
+        say(f"[red bold]{literal(s['transfer']['message'])}[/]")
     if s.get("prediction", {}).get("status") == "missed":
-        say(f"[red bold]{s['prediction']['message']}[/]")
-    say(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}")
+        say(f"[red bold]{literal(s['prediction']['message'])}[/]")
+    say(literal(f"metrics: {s['metrics']}  checkpoints: {s['checkpoints']}"))

@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
-from ..console import PlainLines, make_console
+from ..console import PlainLines, literal, make_console
 from ..atomic import write_json
 from ..outputs_guard import check_output as guard, marker
 from ..report.loggers import Loggers, check_kinds
@@ -177,7 +177,10 @@ def make_config(recipe: Recipe, widths: Optional[list[int]] = None, values: Opti
             raise UserError("--depths", "the recipe has no depths: section (the depth rule's alpha and the depth argument)")
         if any(d < 1 for d in depths):
             raise UserError("--depths", "depths must be >= 1")
-        fixed = width or recipe.widths.proxy
+        from ..run.experiment import at_depth
+        for d in depths:
+            at_depth(recipe, d, "--depths")         # the recipe's depth bound, before any block is built
+        fixed = width if width is not None else recipe.widths.proxy
         at_least(fixed, 1, "--width")
         cfg = make_config(recipe, sorted(set(depths)), values, param, parametrization, seeds, steps, batch_size)
         return SweepConfig(**{**cfg.__dict__, "depth_width": fixed})
@@ -636,16 +639,16 @@ def sweep(recipe: Recipe, cfg: SweepConfig, workers: int = 1, runs_dir: Path = P
 
     if json_path:
         write_json_atomic(Path(json_path), {"written_by": marker("sweep results"), **summary})
-        console.print(f"wrote {json_path}", highlight=False)
+        console.print(f"wrote {literal(json_path)}", highlight=False)
     if plot_path:
         from ..report.sweep_plot import plot_sweep
 
         plot_sweep(summary, Path(plot_path), title=f"{recipe.name}: {cfg.steps} steps, batch {cfg.batch_size}")
-        console.print(f"wrote {plot_path}", highlight=False)
+        console.print(f"wrote {literal(plot_path)}", highlight=False)
     errors = [r for r in results.values() if r.get("error")]
     if errors:
         console.print(f"[yellow]{len(errors)} point(s) failed (not cached; a rerun retries them), e.g. "
-                      f"width {errors[0]['width']}, {cfg.param}={errors[0]['value']:.3g}: {errors[0]['error']}[/]",
+                      f"width {errors[0]['width']}, {cfg.param}={errors[0]['value']:.3g}: {literal(errors[0]['error'])}[/]",
                       highlight=False)
     failed = all(r["loss"] is None for r in results.values())
     if failed:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from torch import nn
 
 from ..atomic import write_text, write_via
@@ -28,6 +27,7 @@ from ..outputs_guard import check_out_dir, marker
 from ..run import checkpoint as C
 from ..run import experiment
 from ..run.recipe import parse_recipe
+from ..yaml_io import load_yaml
 
 
 def _run_files(run_dir: Path) -> tuple:
@@ -37,9 +37,57 @@ def _run_files(run_dir: Path) -> tuple:
     for name in ("recipe.yaml", "hparams.yaml"):
         if not (run_dir / name).is_file():
             raise UserError(str(run_dir), f"not a scale run folder (no {name})")
-    recipe = parse_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir / "recipe.yaml"))
-    hp_used = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    recipe = parse_recipe(load_yaml(run_dir / "recipe.yaml", "recipe"), str(run_dir / "recipe.yaml"))
+    hp_used = load_yaml(run_dir / "hparams.yaml", "hparams")
+    _check_run_hparams(run_dir / "hparams.yaml", hp_used, recipe)
     return recipe, hp_used
+
+
+def _check_run_hparams(p: Path, d: Any, recipe) -> None:
+    """A run folder's hparams.yaml (scale wrote it; someone may have edited or damaged it): every field
+    `load` and `export` use, typed and in range, before anything is built or written."""
+    from ..run.hparams_file import value_problem
+    from ..engine.hparams import TUNABLE_NAMES
+    if not isinstance(d, dict):
+        raise UserError(str(p), "must be a YAML mapping (scale writes one)")
+    for k in ("width", "proxy_width"):
+        v = d.get(k)
+        if v is None:
+            raise UserError(f"{p}: {k}", "required field is missing")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 2**24:
+            raise UserError(f"{p}: {k}", f"must be a positive integer, got {v!r}")
+    for k in ("depth", "proxy_depth"):
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 100_000):
+            raise UserError(f"{p}: {k}", f"must be a positive integer or null, got {v!r}")
+    hp = d.get("hparams", {})
+    if not isinstance(hp, dict):
+        raise UserError(f"{p}: hparams", "must be a mapping of tunable name to value")
+    for k, v in hp.items():
+        if k not in TUNABLE_NAMES:
+            raise UserError(f"{p}: hparams.{k}", f"unknown tunable; known: {', '.join(TUNABLE_NAMES)}")
+        if not isinstance(v, (int, float, bool)):
+            raise UserError(f"{p}: hparams.{k}", f"must be a number, got {v!r}")
+        why = value_problem(k, v)
+        if why:
+            raise UserError(f"{p}: hparams.{k}", f"{why}, got {v!r}")
+    if d.get("optimizer") not in (None, recipe.train.optimizer):
+        raise UserError(f"{p}: optimizer", f"{d['optimizer']!r} but the run's recipe.yaml says "
+                                           f"{recipe.train.optimizer!r}")
+
+
+def _check_state(state: Any, shapes, where: str) -> dict:
+    """The checkpoint's model state holds every parameter at the shape the run's files describe."""
+    if not isinstance(state, dict):
+        raise UserError(where, "the checkpoint holds no model state (not written by scale)")
+    for name, s in shapes.params.items():
+        t = state.get(name)
+        if t is None:
+            raise UserError(where, f"the checkpoint has no {name!r}; it does not match the run's recipe.yaml")
+        if tuple(t.shape) != tuple(s.shape):
+            raise UserError(where, f"{name} is {tuple(t.shape)} in the checkpoint but {tuple(s.shape)} at the "
+                                   "width and depth of the run's hparams.yaml (edited?)")
+    return state
 
 
 def _checkpoint(run_dir: Path, checkpoint: Optional[str | Path]) -> tuple[Path, dict]:
@@ -54,9 +102,13 @@ def _checkpoint(run_dir: Path, checkpoint: Optional[str | Path]) -> tuple[Path, 
         if not path.is_file():
             raise UserError("checkpoint", f"{checkpoint}: no such checkpoint")
     try:
-        return path, C.load(path)
+        ck = C.load(path)
     except Exception as e:  # noqa: BLE001
-        raise UserError(str(path), f"unreadable checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(str(path), f"unreadable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        raise UserError(str(path), "not a scale checkpoint (no model state)")
+    return path, ck
 
 
 def load(run_dir: str | Path, checkpoint: Optional[str | Path] = None, *, device: str = "cpu") -> nn.Module:
@@ -67,6 +119,8 @@ def load(run_dir: str | Path, checkpoint: Optional[str | Path] = None, *, device
     hp = HParams.from_train(recipe.train).with_values(dict(hp_used.get("hparams", {})))
     if recipe.depths is not None and hp_used.get("depth"):
         recipe = experiment.at_depth(recipe, int(hp_used["depth"]))
+    _check_state(ck["model"], experiment.shapes_for(recipe, int(hp_used["width"]), int(hp_used["proxy_width"])),
+                 str(Path(run_dir) / "hparams.yaml"))
     pm = experiment.build(recipe, int(hp_used["width"]), hp, device=device,
                           base_width=int(hp_used["proxy_width"]), base_depth=hp_used.get("proxy_depth"))
     missing, unexpected = pm.model.load_state_dict(ck["model"], strict=False)
@@ -82,6 +136,9 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: Optional[str | Path
     run_dir = Path(run_dir)
     recipe, hp_used = _run_files(run_dir)
     ck_path, ck = _checkpoint(run_dir, checkpoint)
+    r_run, r_out = run_dir.resolve(), Path(out).resolve()
+    if r_out == r_run or r_run in r_out.parents:
+        raise UserError("OUT", f"{out} is inside the run folder {run_dir}; export to a folder of its own")
     out = check_out_dir(out, "OUT")
     ours = (out / "config.json").is_file() and marker("export").encode() in (out / "config.json").read_bytes()[:1 << 16]
     for name in ("model.pt", "config.json"):
@@ -89,7 +146,10 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: Optional[str | Path
             raise UserError("OUT", f"{out / name} exists and was not written by mutransfer export; "
                             "refusing to overwrite it")
     width, base = int(hp_used["width"]), int(hp_used["proxy_width"])
+    if recipe.depths is not None and hp_used.get("depth"):
+        recipe = experiment.at_depth(recipe, int(hp_used["depth"]))
     shapes = experiment.shapes_for(recipe, width, base)
+    _check_state(ck["model"], shapes, str(run_dir / "hparams.yaml"))
     hp = HParams.from_train(recipe.train).with_values(dict(hp_used.get("hparams", {})))
     from ..engine.plan import make_plan
     plan = make_plan(shapes, hp, recipe.train.optimizer, "mup", recipe.factory_init)

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..console import MeanEta, PlainLines, make_console
+from ..console import MeanEta, PlainLines, clean, literal, make_console
 from ..engine.hparams import HParams
 from ..errors import UserError
 from ..flags import validate
@@ -65,6 +65,7 @@ from ..run.study import (
     storage_file,
 )
 from ..signals import available_cpus, worker_signals
+from ..run.study import ask_owned, owning
 from ..threads import choose as threads_choose
 from ..threads import configure as threads_configure
 from .tune_options import TuneOptions
@@ -206,7 +207,7 @@ class Worker:
             running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if count_finished(self.study) + running >= self.opts.trials:
                 break
-            asked.append(self.study.ask())
+            asked.append(ask_owned(self.study))     # ours until told: failed if we stop
         return asked
 
     def run(self, on_trial: Optional[Callable[[optuna.Study], None]] = None) -> optuna.Study:
@@ -308,7 +309,8 @@ def run_worker(opts: TuneOptions, recipe: Recipe, worker: int = 0,
                study: Optional[optuna.Study] = None, say=None) -> optuna.Study:
     """Run trials until the storage holds opts.trials finished ones (checked before every ask)."""
     study = study or open_study(opts, recipe, worker)
-    return Worker(opts, recipe, study, worker_device(opts.device, worker), say).run(on_trial)
+    with owning(study, opts.storage):     # however this ends, no trial of ours is left RUNNING
+        return Worker(opts, recipe, study, worker_device(opts.device, worker), say).run(on_trial)
 
 
 def _worker_entry(opts_d: dict, worker: int) -> None:
@@ -319,12 +321,12 @@ def _worker_entry(opts_d: dict, worker: int) -> None:
         torch.set_num_threads(opts.threads)
     warnings.simplefilter("ignore", UserWarning)
     try:
-        say = (lambda m: print(f"tune: {m}", file=sys.stderr)) if worker == 0 else None
+        say = (lambda m: print(f"tune: {clean(m)}", file=sys.stderr)) if worker == 0 else None
         run_worker(opts, recipe_for(opts, load_recipe(opts.recipe)), worker, say=say)
     except KeyboardInterrupt:
         sys.exit(130)
     except UserError as e:
-        print(f"error: worker {worker}: {e}", file=sys.stderr)
+        print(f"error: worker {worker}: {clean(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -384,7 +386,7 @@ def _table(good: list, n: int = 5) -> Table:
     names = sorted({k for t in good for k in t.params})
     table = Table(title=f"best {min(n, len(good))} of {len(good)} converged trials")
     for c in ["#", "val loss", *names]:
-        table.add_column(c, justify="right")
+        table.add_column(literal(c), justify="right")
     for t in sorted(good, key=lambda t: t.value)[:n]:
         table.add_row(str(t.number), f"{t.value:.4f}", *(_fmt(t.params.get(k)) for k in names))
     return table
@@ -402,7 +404,7 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     finished = len(good) + len(diverged) + len(pruned)
-    console.print(f"study [bold]{opts.study_name}[/] ({opts.storage}): {finished} finished trials - "
+    console.print(f"study [bold]{literal(opts.study_name)}[/] ({literal(opts.storage)}): {finished} finished trials - "
                   f"{len(good)} converged, {len(diverged)} diverged, {len(pruned)} pruned; "
                   f"{len(failed)} failed (interrupted or killed, not counted)", highlight=False)
     if not good:
@@ -422,13 +424,13 @@ def finish(opts: TuneOptions, recipe: Recipe, study: optuna.Study, console: Cons
                              extra={"trials": finished, "batch_size": recipe.train.batch_size,
                                     **({"proxy_depth": opts.depth} if opts.depth else {})})
     console.print(f"best trial #{best.number}: val loss {best.value:.4f} with "
-                  + ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}", highlight=False)
+                  + literal(", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) + f" -> {out}"), highlight=False)
     if recipe.target is not None and recipe.target.measure is not None and not interrupted:
         measure_horizon(opts, recipe, best, finished, study, console)
     if opts.plot:
         from ..report.tune_plot import plot_study
 
-        console.print(f"plot -> {plot_study(study, opts.plot)}", highlight=False)
+        console.print(f"plot -> {literal(plot_study(study, opts.plot))}", highlight=False)
     return 0
 
 
@@ -459,7 +461,7 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
     study = open_study(opts, recipe)            # created (or checked) once, before any worker starts
     done = count_finished(study)
     if done:
-        console.print(f"resuming study {opts.study_name!r}: {done} finished trials in {opts.storage}", highlight=False)
+        console.print(literal(f"resuming study {opts.study_name!r}: {done} finished trials in {opts.storage}"), highlight=False)
     code = 0
     with _progress(console) as bar:
         task = bar.add_task("tune", total=opts.trials, completed=min(done, opts.trials), best=_best_text(study),
@@ -474,7 +476,7 @@ def tune(opts: TuneOptions, recipe: Recipe, console: Optional[Console] = None) -
         try:
             if opts.workers == 1:
                 run_worker(opts, recipe, 0, on_trial=on_trial, study=study,
-                           say=lambda m: bar.console.print(f"[yellow]note[/]: {m}", highlight=False))
+                           say=lambda m: bar.console.print(f"[yellow]note[/]: {literal(m)}", highlight=False))
             else:
                 codes = _run_local_workers(opts, bar, task, study, plain)
                 bad = [c for c in codes if c not in (0, None)]

@@ -171,9 +171,11 @@ def make_plan(shapes: Shapes, hp: HParams, optimizer: str, parametrization: str 
     relative = optimizers.relative_step(optimizer)   # Adafactor-like: the class scales updates by RMS(W)
     adam = opt_rules in (spectral.ADAM, spectral.ADAMW)
     globs = [] if isinstance(factory_init, bool) else list(factory_init)
-    for g in globs:
-        if not any(fnmatch.fnmatchcase(n, g) for n in shapes.params):
-            raise UserError(f"factory_init: {g}", "this pattern matches no parameter of the model")
+    for where, patterns in (("factory_init", globs), ("train.muon_params", list(muon_params))):
+        for g in patterns:      # one rule for every glob field: a pattern that matches nothing is a mistake
+            if not any(fnmatch.fnmatchcase(n, g) for n in shapes.params):
+                some = ", ".join(list(shapes.params)[:4]) + (", ..." if len(shapes.params) > 4 else "")
+                raise UserError(f"{where}: {g}", f"this pattern matches no parameter of the model ({some})")
     tied_params = set(shapes.tied_readouts.values())
     out: dict[str, ParamPlan] = {}
     notes: list[str] = []

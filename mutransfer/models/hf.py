@@ -93,6 +93,10 @@ def make_factory(spec) -> Callable[..., nn.Module]:
     kw = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
 
     def factory(width: int, **fixed: Any) -> nn.Module:
+        for n in fixed:     # model.args were checked above: anything else is the depth (model.depth_arg)
+            if n not in spec.args and not hasattr(default, n):
+                raise UserError("model.depth_arg", f"{n!r} is not a field of the {type(default).__name__}, so the "
+                                "depth would be ignored; name its layer-count field (e.g. n_layer, num_hidden_layers)")
         fields = config_fields(spec, width, fixed)
         try:
             config = tf.AutoConfig.for_model(model_type, **fields)

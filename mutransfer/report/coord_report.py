@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..console import PlainLines, make_console
+from ..console import PlainLines, literal, make_console
 from ..atomic import write_via
 from ..run import coord
 from ..run.coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings, to_json
@@ -72,15 +72,15 @@ def render(res: Result, console: Optional[Console] = None, limit: Optional[int] 
     for r in rows[:limit] if limit else rows:
         c = COLOURS[r.flag]
         unc = "-" if r.se != r.se or not math.isfinite(r.slope) else f"{coord.Z * r.se:.2f}"
-        t.add_row(r.name, r.statistic, *(f"{v:.3g}" for v in r.values), _fmt(r.slope), unc,
+        t.add_row(literal(r.name), r.statistic, *(f"{v:.3g}" for v in r.values), _fmt(r.slope), unc,
                   f"[{c}]{r.flag}[/]")
     console.print(t)
     for d in res.diverged:
-        console.print(f"[bold red]diverged[/] {d}")
+        console.print(f"[bold red]diverged[/] {literal(d)}", highlight=False)
     for f in res.findings:
-        console.print(f"[bold red]attention[/] {f}", highlight=False)
+        console.print(f"[bold red]attention[/] {literal(f)}", highlight=False)
     for n in res.notes:
-        console.print(f"[cyan]regime change[/] {n}", highlight=False)
+        console.print(f"[cyan]regime change[/] {literal(n)}", highlight=False)
     ns = sum(r.flag == "mis-scaled" for r in res.rows)
     if ns:
         console.print(f"[bold magenta]mis-scaled[/]: {ns} parameter norm(s) (‖W₀‖ at init, the update ‖ΔW·x‖ on the "

@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..console import make_console
+from ..console import literal, make_console
 from .. import atomic
 from ..run.experiment import data_stream, depth_rule, first_batch, model_args, model_factory, shapes_for
 from ..engine.parametrize import factory_stds
@@ -244,7 +244,7 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         if p.note:
             mark = f"[{footnotes.setdefault(p.note, len(footnotes) + 1)}]"
         shape = _shape(tuple(p.base_shape), tuple(p.shape))
-        head = [p.name, shape] if wide else [f"{p.name}\n[dim]{shape}[/]"]
+        head = [literal(p.name), shape] if wide else [f"{literal(p.name)}\n[dim]{shape}[/]"]
         stack = stack_shape(tuple(p.shape), p.layout)
         if stack:
             stacked += 1
@@ -259,22 +259,22 @@ def render(plan: Plan, cost: Cost, unknown: list[str], console: Optional[Console
         console.print(f"[cyan]stacked[/]: {stacked} parameter(s) are stacks of matrices (×slices): fans, init std, "
                       "LR and eps are those of one slice, the matrix the forward pass uses", highlight=False)
     for note, i in footnotes.items():
-        console.print(f"[{i}] {note}", highlight=False)
+        console.print(f"\\[{i}] {literal(note)}", highlight=False)
     for m, v in plan.readout_multipliers.items():
-        console.print(f"[cyan]tied readout[/] {m}: input multiplied by {v:.4g} in the forward pass")
+        console.print(f"[cyan]tied readout[/] {literal(m)}: input multiplied by {v:.4g} in the forward pass")
     if plan.branch_multipliers:
         m0 = next(iter(plan.branch_multipliers.values()))[0]
         inb = [p for p in plan.params.values() if p.depth_lr is not None]
         console.print(f"[cyan]depth rule[/]: {len(plan.branch_multipliers)} residual branches, output x {m0:.4g}; "
                       f"{len(inb)} in-block parameters, LR x {inb[0].depth_lr:.4g}" if inb else "")
     for n in plan.notes:
-        console.print(f"[yellow]note[/] {n}")
+        console.print(f"[yellow]note[/] {literal(n)}", highlight=False)
     if unknown:
         guessed = ", ".join(f"{n} as {plan.params[n].role}" if n in plan.params else n for n in unknown)
-        console.print(f"[yellow]warning[/] parameters of no known module, not traced, classified by rank: {guessed}"
+        console.print(f"[yellow]warning[/] parameters of no known module, not traced, classified by rank: {literal(guessed)}"
                       " (declare them under `layouts:` if wrong)")
     flops = (human(cost.flops_per_step, "FLOP") if cost.flops_per_step is not None
-             else f"n/a FLOP (the model did not run on a meta batch: {cost.flops_error})")
+             else f"n/a FLOP (the model did not run on a meta batch: {literal(cost.flops_error)})")
     if cost.flops_note:
         console.print(f"[dim]FLOPs: {cost.flops_note}[/]", highlight=False)
     console.print(

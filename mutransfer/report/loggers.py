@@ -34,9 +34,35 @@ def check_kinds(kinds: Optional[list[str]]) -> list[str]:
                 import wandb  # noqa: F401
             except ImportError:
                 raise UserError("--log", "wandb is not installed: pip install 'mutransfer[wandb]'") from None
+            check_wandb_env()
         if k not in out:
             out.append(k)
     return out
+
+
+WANDB_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")
+
+
+def check_wandb_env() -> None:
+    """WANDB_MODE must be a mode wandb knows; online needs an API key (else wandb would ask for one
+    or fail after the run folder was written)."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode not in WANDB_MODES:
+        raise UserError("WANDB_MODE", f"{mode!r} is not a wandb mode; expected one of {', '.join(WANDB_MODES)} "
+                                      "(unset it for offline runs)")
+    if mode in ("online", "run", "shared") and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+        raise UserError("WANDB_MODE", f"{mode} needs a W&B API key (WANDB_API_KEY or `wandb login`); "
+                                      "or unset WANDB_MODE to log offline and `wandb sync` later")
+
+
+def _netrc_has_wandb() -> bool:
+    import netrc
+    try:
+        hosts = netrc.netrc(os.environ.get("NETRC")).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return base in hosts or any("wandb" in h for h in hosts)
 
 
 def _num(x) -> Optional[float]:
@@ -60,8 +86,12 @@ class Loggers:
         if "wandb" in self.kinds:
             import wandb
             (self.folder / "wandb").mkdir(exist_ok=True)
-            self._wandb = wandb.init(dir=str(self.folder), project="mutransfer", name=name, config=config or {},
-                                     mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
+            try:
+                self._wandb = wandb.init(dir=str(self.folder), project="mutransfer", name=name, config=config or {},
+                                         mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
+            except Exception as e:  # noqa: BLE001 - wandb's settings and network errors
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise UserError("--log", f"wandb could not start a run: {type(e).__name__}: {first}") from None
         if "csv" in self.kinds:
             self._csv_path = self.folder / "metrics.csv"
 

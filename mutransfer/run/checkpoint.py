@@ -112,12 +112,33 @@ def latest(folder: Path) -> Optional[Path]:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file. A failed write (a full disk, a quota) is an OSError naming
+    `path` (torch reports it as a RuntimeError of its zip writer); the previous checkpoints stay."""
     def save(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())   # on disk before the rename makes it the newest checkpoint
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())   # on disk before the rename makes it the newest checkpoint
+        except RuntimeError as e:
+            raise _write_error(e, Path(tmp), path) from None
     write_via(path, save)
+
+
+def _write_error(e: RuntimeError, tmp: Path, path: Path) -> BaseException:
+    """torch's zip writer turns ENOSPC/EDQUOT/EIO into RuntimeError: give back the OSError it was."""
+    import errno
+    import shutil
+    text = str(e)
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = None
+    full = free is not None and free < (1 << 20)
+    if full or any(k in text for k in ("file write failed", "unexpected pos", "No space left", "Disk quota")):
+        code = errno.EDQUOT if "quota" in text.lower() else (errno.ENOSPC if full or "space" in text else errno.EIO)
+        return OSError(code, os.strerror(code), str(path))
+    return e
 
 
 def load(path: Path) -> dict:

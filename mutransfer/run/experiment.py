@@ -19,7 +19,7 @@ from ..engine.outputs import OutputError, check_against_targets, select
 from ..engine.parametrize import Parametrized, parametrize
 from ..engine import horizon as horizon_rule
 from ..engine.plan import MUP
-from .recipe import Recipe, depth_arg
+from .recipe import MAX_MODEL_DEPTH, Recipe, depth_arg
 from .user_code import accepts, resolve_factory
 from ..engine.shapes import Shapes, infer_shapes
 from .train import TrainConfig
@@ -32,12 +32,14 @@ def depth_of(recipe: Recipe) -> Optional[int]:
     return recipe._depth if recipe._depth is not None else recipe.depths.proxy
 
 
-def at_depth(recipe: Recipe, depth: int) -> Recipe:
+def at_depth(recipe: Recipe, depth: int, where: str = "--depth") -> Recipe:
     """A copy of the recipe that builds its model at `depth` (needs `depths:`)."""
     if recipe.depths is None:
-        raise UserError("--depth", "the recipe has no depths: section")
+        raise UserError(where, "the recipe has no depths: section")
     if depth < 1:
-        raise UserError("--depth", f"must be >= 1, got {depth}")
+        raise UserError(where, f"must be >= 1, got {depth}")
+    if depth > MAX_MODEL_DEPTH:       # the recipe's own bound: checked before a block is built
+        raise UserError(where, f"{depth} is above {MAX_MODEL_DEPTH:,}, the largest depth a recipe may name")
     r = recipe.model_copy(deep=True)
     r._path, r._depth = recipe._path, depth
     return r
@@ -206,12 +208,22 @@ def check_fits(recipe: Recipe, width: int, where: str, device: str = "cpu") -> N
 
 
 def resolve_device(device: str) -> str:
+    """auto | cpu | cuda | cuda:N, checked against this machine before anything is created."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device", "cuda requested but no GPU is available")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError("--device", f"unknown device {device!r}; expected auto, cpu or cuda")
+        raise UserError("--device", f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device", f"{device} requested but no GPU is available (torch {torch.__version__}"
+                            + (", built without CUDA)" if torch.version.cuda is None else ")"))
+        if device.startswith("cuda:"):
+            n = device[5:]
+            if not n.isdigit():
+                raise UserError("--device", f"unknown device {device!r}; expected cuda:N with N a GPU index")
+            if int(n) >= torch.cuda.device_count():
+                raise UserError("--device", f"{device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -225,6 +237,15 @@ def check_recipe(recipe: Recipe) -> None:
     val_batch = first_batch(data_stream(recipe, "val", recipe.train.seed, batch_size=2), "data (validation)")
     check_batches_agree(train_batch, val_batch)
     check_model_output(recipe, val_batch, where="data (validation)")
+    check_plan(recipe, recipe.widths.proxy)
+
+
+def check_plan(recipe: Recipe, width: int) -> None:
+    """The plan at `width` can be made: every glob field (factory_init, train.muon_params) matches a
+    parameter. On the meta device (the traced shapes), before a study, a run folder or a cache exists."""
+    from ..engine.plan import make_plan
+    make_plan(shapes_for(recipe, width), HParams.from_train(recipe.train), recipe.train.optimizer, MUP,
+              recipe.factory_init, depth_rule(recipe), tuple(recipe.train.muon_params))
 
 
 def check_batches_agree(train: tuple, val: tuple) -> None:
@@ -234,6 +255,19 @@ def check_batches_agree(train: tuple, val: tuple) -> None:
         if tuple(a.shape[1:]) != tuple(b.shape[1:]) or a.dtype != b.dtype:
             raise UserError("data (validation)", f"validation {what} {tuple(b.shape)} {b.dtype} do not match "
                             f"training {what} {tuple(a.shape)} {a.dtype} (beyond the batch dimension)")
+
+
+REAL_CHECK_PARAMS = 20_000_000   # up to this size the first batch also runs on the CPU (about 80 MB)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in list(x.items())[:4]) + "}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_describe(v) for v in x[:4]) + ")"
+    return type(x).__name__
 
 
 def check_model_output(recipe: Recipe, batch: tuple, width: Optional[int] = None, where: str = "data") -> None:
@@ -246,8 +280,13 @@ def check_model_output(recipe: Recipe, batch: tuple, width: Optional[int] = None
     out = None
     try:
         with torch.device("meta"), torch.no_grad():
-            out = factory(width=w, **model_args(recipe))(x.to("meta"))
+            meta_model = factory(width=w, **model_args(recipe))
+            out = meta_model(x.to("meta"))
         dev_y = y.to("meta")
+        # the meta device does not check dtypes (Long inputs into a float Linear pass there): a small
+        # model runs for real on the CPU too
+        if sum(p.numel() for p in meta_model.parameters()) <= REAL_CHECK_PARAMS:
+            out = None
     except Exception:  # noqa: BLE001 - data-dependent forward passes need real tensors
         out = None
     if out is None:
@@ -257,8 +296,8 @@ def check_model_output(recipe: Recipe, batch: tuple, width: Optional[int] = None
                 m.eval()
                 out = m(x)
         except Exception as e:  # noqa: BLE001
-            raise UserError("model", f"the forward pass failed on the first batch at width {w}: "
-                            f"{type(e).__name__}: {str(e)[:200]}") from None
+            raise UserError("model", f"the forward pass failed on the first batch at width {w} (inputs "
+                            f"{_describe(x)}): {type(e).__name__}: {str(e)[:200]}") from None
         dev_y = y
     try:
         pred = select(out, recipe.model.output)

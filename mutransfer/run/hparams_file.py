@@ -19,7 +19,7 @@ import yaml
 
 from ..atomic import write_text
 from ..engine.hparams import TUNABLES, HParams, unknown
-from ..errors import UserError
+from ..errors import UserError, mask_secrets
 from ..outputs_guard import marker
 from ..yaml_io import load_yaml
 
@@ -36,7 +36,7 @@ def write_hparams_file(path: str | Path, *, recipe: str, proxy_width: int, optim
     """Write atomically (temporary file, then rename)."""
     d = {"written_by": marker("hparams"), "recipe": str(recipe), "proxy_width": int(proxy_width), "optimizer": optimizer,
          "hparams": {k: (v if isinstance(v, bool) else float(v)) for k, v in hparams.items()},
-         "best_value": None if best_value is None else float(best_value), "study": study, "storage": storage}
+         "best_value": None if best_value is None else float(best_value), "study": study, "storage": mask_secrets(storage)}
     if steps is not None:
         d["steps"] = int(steps)
     if extra:
@@ -87,7 +87,30 @@ def read_hparams_file(path: str | Path) -> dict:
         raise UserError(f"{p}: prediction", "must be a mapping (written by `mutransfer predict`)")
     if isinstance(d["proxy_width"], bool) or not isinstance(d["proxy_width"], int) or not 0 < d["proxy_width"] < 2**31:
         raise UserError(f"{p}: proxy_width", f"must be a positive integer, got {d['proxy_width']!r}")
+    check_fields(p, d)
     return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_fields(p: Path, d: dict) -> None:
+    """Every other field's type and range, when read (not at the end of a run that uses it)."""
+    import math
+    if not isinstance(d["optimizer"], str) or not d["optimizer"].strip():
+        raise UserError(f"{p}: optimizer", f"must name the optimizer tuned with, got {d['optimizer']!r}")
+    bv = d.get("best_value")
+    if bv is not None and (isinstance(bv, bool) or not isinstance(bv, (int, float)) or not math.isfinite(bv)):
+        raise UserError(f"{p}: best_value", f"must be a finite number (the proxy's validation loss) or null, got {bv!r}")
+    for k, low in (("steps", 1), ("proxy_depth", 1), ("trials", 0)):
+        v = d.get(k)
+        if v is not None and (not _is_int(v) or not low <= v < 2**31):
+            raise UserError(f"{p}: {k}", f"must be an integer >= {low} or absent, got {v!r}")
+    for k in ("recipe", "study", "storage"):
+        v = d.get(k)
+        if v is not None and not isinstance(v, str):
+            raise UserError(f"{p}: {k}", f"must be text, got {v!r}")
 
 
 def value_problem(name: str, v) -> Optional[str]:

@@ -102,9 +102,12 @@ class ModelSpec(FactorySpec):
 MAX_WIDTH = 2**24     # 16M: far beyond any model; catches 1e40 before torch does
 
 
+MAX_MODEL_DEPTH = 100_000   # blocks: far beyond any model; catches 1e8 before a block is built
+
+
 class Depths(_Strict):
-    proxy: int = Field(gt=0, le=100_000)
-    target: int = Field(gt=0, le=100_000)
+    proxy: int = Field(gt=0, le=MAX_MODEL_DEPTH)
+    target: int = Field(gt=0, le=MAX_MODEL_DEPTH)
     alpha: float = Field(default=1.0, ge=0, le=1)    # 1: CompleteP, 0.5: depth-muP
 
     @model_validator(mode="after")

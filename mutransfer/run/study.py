@@ -26,6 +26,7 @@ from ..errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_ATTR = "heartbeat"          # wall-clock time (s) of a journal trial's last sign of life
+OWNER_ATTR = "owner"                  # host/boot, pid and start time of the process that trains the trial
 
 
 def default_storage(name: str, runs_dir: str | Path = "runs") -> str:
@@ -65,9 +66,13 @@ def storage_lock(url: str, timeout: float = 120.0):
         return
     import fcntl
     import os
-    path.parent.mkdir(parents=True, exist_ok=True)
     # not PATH.lock: Optuna's JournalFileOpenLock uses that name and waits while it exists
-    fd = os.open(str(path) + ".create-lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(path) + ".create-lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError("--storage", f"cannot create the storage file {str(path)!r} there: "
+                                     f"{e.strerror or e}") from None
     try:
         deadline = time.time() + timeout
         while True:
@@ -155,6 +160,102 @@ def check_journal_file(path: Path) -> None:
                         "object); refusing to append to it")
 
 
+def _module_present(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def driver_url(url: str) -> str:
+    """The URL SQLAlchemy is given. `postgresql://` (the README's form) and `postgres://` name no
+    driver; SQLAlchemy 2 then picks psycopg 3, while `mutransfer[postgres]` installs psycopg2 (binary
+    wheels everywhere, the driver the tests use). So a bare scheme means psycopg2 when psycopg 3 is
+    absent and psycopg2 present; an explicit `postgresql+DRIVER://` is left as written."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if _module_present("psycopg2") and not _module_present("psycopg"):
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
+# a server that does not answer: the connection attempt gives up after this many seconds
+CONNECT_TIMEOUT_S = 20
+
+
+def uninterrupted(storage):
+    """The storage with every public method run under deferred_interrupts: a Ctrl-C or SIGTERM never
+    lands inside a database call. (One that did could leave a connection holding SQLite's lock, held
+    alive by the traceback, and every later write of this process - marking its trials FAIL - then
+    waited for it: the workers of an interrupted tune hung.) The object keeps its class, so Optuna
+    sees the storage it expects."""
+    import functools
+    from ..signals import deferred_interrupts
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*a, **kw):
+            with deferred_interrupts():
+                return fn(*a, **kw)
+        return call
+    for name in dir(type(storage)):
+        if name.startswith("_") or name in ("engine", "scoped_session", "url"):
+            continue
+        attr = getattr(type(storage), name, None)
+        if callable(attr) and not isinstance(attr, (staticmethod, classmethod, type, property)):
+            setattr(storage, name, wrap(getattr(storage, name)))
+    return storage
+
+
+def owned_journal_lock(path: str):
+    """Optuna's journal lock (PATH.lock, made with O_EXCL, so it works on NFS) that records its owner
+    in the file: a lock left by a killed process of this machine is taken over at once instead of
+    after Optuna's 30 s grace period (which still applies to owners elsewhere or unknown)."""
+    import os
+    from optuna.storages.journal import JournalFileOpenLock
+
+    class OwnedLock(JournalFileOpenLock):
+        def acquire(self) -> bool:
+            for _ in range(100):
+                try:
+                    fd = os.open(self._lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    if not self._take_over_dead():
+                        return super().acquire()      # a live or unknown owner: Optuna's wait
+                    continue
+                try:
+                    os.write(fd, owner_id().encode())
+                finally:
+                    os.close(fd)
+                return True
+            return super().acquire()
+
+        def _take_over_dead(self) -> bool:
+            try:
+                with open(self._lock_file) as f:
+                    owner = f.read()
+            except OSError:
+                return True                        # released meanwhile: try again
+            if not owner_dead(owner):
+                return False
+            aside = f"{self._lock_file}.{os.getpid()}.dead"
+            try:
+                os.rename(self._lock_file, aside)
+                with open(aside) as f:
+                    still = f.read() == owner
+                if still:
+                    os.unlink(aside)
+                else:                              # another process's fresh lock: put it back
+                    os.rename(aside, self._lock_file)
+            except OSError:
+                pass
+            return True
+
+    return OwnedLock(path)
+
+
 def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[int] = None):
     """The Optuna storage behind `url`; UserError('--storage', ...) when it cannot be opened."""
     grace = grace_period or 3 * heartbeat_interval
@@ -166,10 +267,10 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal(path)
-            from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+            from optuna.storages.journal import JournalFileBackend
 
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-            return optuna.storages.JournalStorage(backend)
+            backend = JournalFileBackend(str(path), lock_obj=owned_journal_lock(str(path)))
+            return uninterrupted(optuna.storages.JournalStorage(backend))
         except OSError as e:
             raise UserError("--storage", f"cannot open journal file {str(path)!r}: {e}") from None
     if "://" not in url:
@@ -183,14 +284,22 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: Optional[
         except OSError as e:
             raise UserError("--storage", f"cannot create the directory of {str(db)!r}: {e}") from None
         engine_kwargs = {"connect_args": {"timeout": 60}}   # concurrent local workers wait for the lock
+    elif url.startswith(("postgresql", "postgres:")):
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    elif url.startswith("mysql"):
+        engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    sa_url = driver_url(url)
     for attempt in range(8):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval, grace_period=grace)
+                return uninterrupted(optuna.storages.RDBStorage(sa_url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval, grace_period=grace))
         except ImportError as e:
-            raise UserError("--storage", f"the driver for {url.split(':', 1)[0]!r} is not installed ({e})") from None
+            scheme = sa_url.split(":", 1)[0]
+            hint = (" (pip install 'mutransfer[postgres]' for psycopg2, or name the driver: postgresql+psycopg://)"
+                    if scheme.startswith("postgres") else "")
+            raise UserError("--storage", f"the driver for {scheme!r} is not installed{hint} ({e})") from None
         except Exception as e:  # noqa: BLE001 - sqlalchemy's many URL / connection errors
             # two processes creating the schema of a new database at once (a server: no file to lock):
             # the loser sees "already exists" / a unique violation; the tables are there on a retry
@@ -221,32 +330,191 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def _fail(study: optuna.Study, trial_id: int) -> bool:
+    try:
+        return bool(study._storage.set_trial_state_values(trial_id, TrialState.FAIL))
+    except (RuntimeError, ValueError):   # another worker finished or failed it first
+        return False
+
+
 def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
     """Mark FAIL the RUNNING trials whose worker died; returns their numbers.
 
-    RDB storages use Optuna's heartbeat table; journal storages the HEARTBEAT_ATTR user attribute
-    (a running trial with no heartbeat at all counts from its start time)."""
-    storage = study._storage
+    At once: a trial whose owner (OWNER_ATTR) is a process of this machine that no longer exists (a
+    Ctrl-C, SIGTERM or SIGKILL of an earlier run). After `grace_period` without a sign of life: RDB
+    storages by Optuna's heartbeat table (a trial that never beat counts from its start), journal
+    storages by the HEARTBEAT_ATTR user attribute (or the start time)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    failed = [t.number for t in running if owner_dead(t.user_attrs.get(OWNER_ATTR)) and _fail(study, t._trial_id)]
+    running = [t for t in running if t.number not in failed]
+    if not running:
+        return failed
+    now = time.time()
     if is_rdb(study):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        before = {t.number for t in running}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
-    now = time.time()
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        failed += sorted(before - after)
+        beaten = _have_heartbeat(study, [t._trial_id for t in running if t.number in after])
+        for t in running:                  # Optuna's rule skips a trial that died before its first beat
+            if (t.number in after and beaten is not None and t._trial_id not in beaten
+                    and t.datetime_start is not None and now - t.datetime_start.timestamp() > grace_period
+                    and _fail(study, t._trial_id)):
+                failed.append(t.number)
+        return sorted(failed)
+    for t in running:
         beat = t.user_attrs.get(HEARTBEAT_ATTR)
         if beat is None and t.datetime_start is not None:
             beat = t.datetime_start.timestamp()
-        if beat is not None and now - float(beat) > grace_period:
-            try:
-                if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                    failed.append(t.number)
-            except (RuntimeError, ValueError):   # another worker finished or failed it first
-                pass
+        if beat is not None and now - float(beat) > grace_period and _fail(study, t._trial_id):
+            failed.append(t.number)
+    return sorted(failed)
+
+
+def _have_heartbeat(study: optuna.Study, trial_ids: list[int]) -> Optional[set[int]]:
+    """Which of these RDB trials have a heartbeat row (None when Optuna's tables cannot be read so)."""
+    if not trial_ids:
+        return set()
+    try:
+        from optuna.storages._rdb import models
+        st = backend(study)
+        session = st.scoped_session()
+        try:
+            rows = session.query(models.TrialHeartbeatModel.trial_id).filter(
+                models.TrialHeartbeatModel.trial_id.in_(trial_ids)).all()
+            return {r[0] for r in rows}
+        finally:
+            st.scoped_session.remove()
+    except Exception:  # noqa: BLE001 - another Optuna version: keep to its own rule
+        return None
+
+
+# ---------------------------------------------------------------- owned trials ---------------------------
+
+def _start_ticks(pid: int) -> Optional[str]:
+    """A process's start time (clock ticks since boot, Linux /proc); None when unknown or gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _machine() -> str:
+    import socket
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+def owner_id() -> str:
+    """This process, as recorded on the trials it trains: machine (host and boot), pid, start time."""
+    import os
+    pid = os.getpid()
+    return f"{_machine()}:{pid}:{_start_ticks(pid) or ''}"
+
+
+def owner_dead(owner) -> bool:
+    """True when `owner` (an owner_id) names a process of this machine that no longer exists."""
+    import os
+    if not isinstance(owner, str) or owner.count(":") < 2:
+        return False
+    machine, pid_s, ticks = owner.rsplit(":", 2)
+    if machine != _machine() or not pid_s.isdigit():
+        return False
+    pid = int(pid_s)
+    if ticks:
+        now = _start_ticks(pid)
+        if now is not None or os.path.isdir("/proc"):
+            return now != ticks           # gone, or the pid now belongs to another process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+_OWNED: dict[int, tuple[optuna.Study, set[int]]] = {}
+
+
+def ask_owned(study: optuna.Study) -> optuna.Trial:
+    """study.ask(), with the new trial recorded as this process's (OWNER_ATTR, and a first heartbeat on
+    RDB storages) before a Ctrl-C or SIGTERM can land: such a trial is failed by `owning` when this
+    process stops, and by any later run's fail_stale if it was killed outright."""
+    from ..signals import deferred_interrupts
+    with deferred_interrupts():
+        trial = study.ask()
+        _OWNED.setdefault(id(study), (study, set()))[1].add(trial._trial_id)
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR, owner_id())
+            if is_rdb(study):
+                backend(study).record_heartbeat(trial._trial_id)
+        except Exception:  # noqa: BLE001 - a storage failure surfaces at the trial's first real write
+            pass
+    return trial
+
+
+def fail_owned(study: optuna.Study) -> list[int]:
+    """FAIL every trial this process asked for in `study` that is still RUNNING; their numbers."""
+    _, ids = _OWNED.pop(id(study), (study, set()))
+    if not ids:
+        return []
+    failed = []
+    try:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in ids and _fail(study, t._trial_id):
+                failed.append(t.number)
+    except Exception:  # noqa: BLE001 - the storage itself failed: a later run fails them (owner_dead)
+        pass
     return failed
+
+
+_DB_FAULTS = ("database or disk is full", "disk i/o error", "readonly database", "unable to open database file",
+              "no space left", "disk quota", "read-only file system")
+
+
+def storage_fault(e: BaseException) -> Optional[str]:
+    """What went wrong, in a few words, when `e` (or what caused it) is the storage's disk or file
+    failing: full, read-only, unreadable; None for any other error."""
+    import errno
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+            return e.strerror or str(e)
+        text = str(e).lower()
+        for k in _DB_FAULTS:
+            if k in text:
+                return k
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def owning(study: optuna.Study, url: Optional[str] = None):
+    """While inside, trials asked with ask_owned are this block's: however it ends (an interrupt, an
+    error, a normal return), those still RUNNING are marked FAIL, so that no rerun waits for them.
+    A storage whose disk fails (full, read-only) becomes one UserError naming `url`."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only the storage's disk faults are translated
+        why = storage_fault(e) if url is not None else None
+        if why is None or isinstance(e, UserError):
+            raise
+        raise UserError("--storage", f"{url}: {why}; every finished trial is kept, rerun to continue once "
+                                     "there is room") from None
+    finally:
+        from ..signals import deferred_interrupts
+        with deferred_interrupts():        # a second Ctrl-C must not cut the clean-up short
+            fail_owned(study)
 
 
 class Heartbeat:
