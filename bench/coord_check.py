@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer.run import coord  # noqa: E402
 from mutransfer.data import vectors  # noqa: E402
+from mutransfer.run import coord  # noqa: E402
 from mutransfer.run.recipe import parse_recipe  # noqa: E402
 
 IN, OUT, DEPTH = 32, 10, 3

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mutransfer.run import experiment  # noqa: E402
 from mutransfer.engine.hparams import HParams  # noqa: E402
 from mutransfer.engine.parametrize import build_model, make_optimizer  # noqa: E402
+from mutransfer.run import experiment  # noqa: E402
 from mutransfer.run.recipe import load_recipe  # noqa: E402
 from mutransfer.run.train import train  # noqa: E402
 

@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch, statistics
+import statistics
+
+import torch
+
+from mutransfer.engine.hparams import HParams
+from mutransfer.engine.parametrize import build_model, make_optimizer
 from mutransfer.run import experiment
 from mutransfer.run.recipe import load_recipe
-from mutransfer.engine.parametrize import build_model, make_optimizer
-from mutransfer.engine.hparams import HParams
 from mutransfer.run.train import loss_fn
+
 r = load_recipe('bench/gpt-2048.yaml'); hp = HParams.from_train(r.train)
 mup = experiment.build(r, 2048, hp, device='cuda')
 torch.manual_seed(0)

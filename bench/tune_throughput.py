@@ -53,9 +53,9 @@ def step_table(recipe_path: Path, groups: list[int], device: str, width: int | N
     """ms per trial-step of a group of B trials through THE loop (no evaluation)."""
     import torch
 
+    from mutransfer.engine.hparams import HParams
     from mutransfer.run import experiment
     from mutransfer.run.batched_trials import build_batch
-    from mutransfer.engine.hparams import HParams
     from mutransfer.run.recipe import load_recipe
     from mutransfer.run.train import train
     from mutransfer.run.trial_batch import SlotData, make_optimizer

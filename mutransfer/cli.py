@@ -155,8 +155,8 @@ def scale(
     w = width if width is not None else r.widths.target
     at_least(w, 1, "--width")
     if dry_run:
-        from .outputs_guard import check_output
         from .commands.scale import resolve_hparams
+        from .outputs_guard import check_output
         check_output(json_path, "--json", "plan", [recipe], ".json")
         if depth is not None or r.depths is not None:
             from .run.experiment import at_depth

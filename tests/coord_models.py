@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # ------------------------------------------------------------------ attention (sequences of tokens)
 
 class _Attention(nn.Module):

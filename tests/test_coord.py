@@ -13,10 +13,10 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from mutransfer.run import coord, coord_measure
 from mutransfer.cli import app
-from mutransfer.report.coord_report import to_json
 from mutransfer.errors import UserError
+from mutransfer.report.coord_report import to_json
+from mutransfer.run import coord, coord_measure
 from mutransfer.run.recipe import load_recipe, parse_recipe
 from mutransfer.run.train import TrainConfig, train
 

@@ -12,9 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 import mutransfer
-from mutransfer.run import coord
 from mutransfer.cli import app
 from mutransfer.models import gpt
+from mutransfer.run import coord
 from mutransfer.run.recipe import parse_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))

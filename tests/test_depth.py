@@ -9,13 +9,12 @@ import yaml
 from torch import nn
 
 from mutransfer.engine import depth as rule
-from mutransfer.run import experiment
 from mutransfer.engine.branches import find_branches
 from mutransfer.models import gpt, resmlp
+from mutransfer.run import experiment
 from mutransfer.run.recipe import parse_recipe
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
-
 
 
 def test_rule_by_hand():

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import sys as _sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,14 @@ import yaml
 from typer.testing import CliRunner
 
 import mutransfer
-from mutransfer.run import experiment
 from mutransfer.cli import app
 from mutransfer.models import gpt
+from mutransfer.run import experiment
 from mutransfer.run.recipe import load_recipe
 from mutransfer.run.train import evaluate
-import sys as _sys
+
 _sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
 from helpers import cli_in  # noqa: E402
-
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,7 @@ def test_log_tensorboard_wandb_csv_land_inside_the_run_folder(tmp_path, monkeypa
 
 def test_python_tune_api_with_a_user_loop_resumes(tmp_path):
     import optuna
+
     from mutransfer.data import vectors
     from mutransfer.models import mlp
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from mutransfer import HParams, make_plan
 from mutransfer.cli import app
-from mutransfer.models import gpt
 from mutransfer.engine.shapes import infer_shapes
+from mutransfer.models import gpt
 
 ARGS = {"layers": 2, "heads": 4, "vocab": 96, "seq_len": 16}
 RECIPE = {

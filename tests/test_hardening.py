@@ -19,13 +19,12 @@ import yaml
 
 from mutransfer import atomic
 from mutransfer.cli import main
-from mutransfer.run.user_code import resolve_factory
 from mutransfer.commands.scale import RunLock
-from mutransfer.run.study import open_storage, repair_journal
 from mutransfer.commands.sweep import Point
+from mutransfer.run.study import open_storage, repair_journal
+from mutransfer.run.user_code import resolve_factory
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
-
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
@@ -386,6 +385,7 @@ def test_huge_widths_are_refused_before_a_study_or_cache_exists(tmp_path):
 
 def test_threads_follow_the_affinity_and_are_never_raised(monkeypatch):
     import torch
+
     from mutransfer import threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda: 4)

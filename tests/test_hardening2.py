@@ -16,8 +16,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from mutransfer.console import clean, literal
 from mutransfer.errors import UserError, mask_secrets
-from mutransfer.console import literal, clean
 from mutransfer.run import study as S
 from mutransfer.signals import deferred_interrupts
 
@@ -445,6 +445,7 @@ def scale_run(tmp_path_factory):
 ])
 def test_damaged_run_folders_are_one_line_and_nothing_is_written(tmp_path, scale_run, damage, needle):
     import shutil
+
     import mutransfer
     run = tmp_path / "run"
     shutil.copytree(scale_run, run)

@@ -9,12 +9,11 @@ import yaml
 from torch import nn
 
 from mutransfer.engine import spectral
-from mutransfer.run.coord import loglog_slope
 from mutransfer.engine.hparams import HParams
 from mutransfer.engine.parametrize import parametrize
+from mutransfer.run.coord import loglog_slope
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
-
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import cli_in
 from mutransfer.engine import optimizers, spectral
-from mutransfer.engine.plan import make_plan
 from mutransfer.engine.hparams import HParams
+from mutransfer.engine.plan import make_plan
 from mutransfer.run import coord, experiment
 from mutransfer.run.recipe import parse_recipe
+
+from helpers import cli_in
 
 sys.path.insert(0, str(Path(__file__).parent))    # optim_zoo
 

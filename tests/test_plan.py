@@ -6,8 +6,8 @@ import math
 import pytest
 
 from mutransfer import HParams, make_plan, spectral
-from mutransfer.models import gpt
 from mutransfer.engine.shapes import infer_shapes
+from mutransfer.models import gpt
 
 ARGS = dict(layers=1, heads=2, vocab=16, seq_len=8)
 HP = HParams(lr=2e-3, eps=1e-7, weight_decay=0.1, init_scale=1.5)

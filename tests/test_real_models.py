@@ -10,15 +10,14 @@ import pytest
 import torch
 import yaml
 
-from mutransfer.run import coord, experiment
 from mutransfer.engine.hparams import HParams
-from mutransfer.models import gpt
 from mutransfer.engine.parametrize import parametrize
-from mutransfer.run.recipe import parse_recipe
 from mutransfer.engine.shapes import infer_shapes
+from mutransfer.models import gpt
+from mutransfer.run import coord, experiment
+from mutransfer.run.recipe import parse_recipe
 
 from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
-
 
 sys.path.insert(0, str(Path(__file__).parent))   # real_models, for "real_models:NAME" factories
 import real_models  # noqa: E402

@@ -15,8 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mutransfer.cli import app
-from mutransfer.run.hparams_file import write_hparams_file
 from mutransfer.commands.scale import transfer_check
+from mutransfer.run.hparams_file import write_hparams_file
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -297,8 +297,8 @@ def test_rng_states_round_trip():
 
 
 def test_transfer_is_relative_to_the_width_the_file_was_tuned_at(recipe, tmp_path):
-    from mutransfer.run.recipe import load_recipe
     from mutransfer.commands.scale import resolve_hparams
+    from mutransfer.run.recipe import load_recipe
 
     r = load_recipe(recipe)
     p = write_hparams_file(tmp_path / "h.yaml", recipe="tiny.yaml", proxy_width=8, optimizer="adamw",

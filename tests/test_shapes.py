@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from mutransfer import UserError
-from mutransfer.models import cnn, gpt, mlp
 from mutransfer.engine.shapes import build_meta, fans, infer_shapes
+from mutransfer.models import cnn, gpt, mlp
 
 
 def roles(shapes):

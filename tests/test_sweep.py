@@ -8,12 +8,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mutransfer.commands import sweep as sw
 from mutransfer.cli import app
+from mutransfer.commands import sweep as sw
 from mutransfer.errors import UserError
+from mutransfer.report.sweep_fit import drift, mean_or_none, optimum, parabola_vertex, shared_index, wider_is_better
 from mutransfer.run.experiment import build
 from mutransfer.run.recipe import parse_recipe
-from mutransfer.report.sweep_fit import drift, mean_or_none, optimum, parabola_vertex, shared_index, wider_is_better
 
 TINY = {
     "name": "tiny-sweep",

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import cli_in
 from mutransfer.data import tokenized as T
 from mutransfer.errors import UserError
+
+from helpers import cli_in
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Optional
 
-from ..run.coord_measure import ROOT, Settings, loop_steps, measure_model, user_steps
-from ..run.coord_verdict import Result, matrix_fans, verdict
 from ..engine.hparams import HParams
 from ..engine.parametrize import parametrize
 from ..engine.plan import MUP
 from ..engine.shapes import infer_shapes
+from ..run.coord_measure import ROOT, Settings, loop_steps, measure_model, user_steps
+from ..run.coord_verdict import Result, matrix_fans, verdict
 from ..run.train import TrainConfig
-
 
 
 def coord_check(factory: Callable, widths: list[int], *, batches: list, steps: int = 5, seeds: int = 1,

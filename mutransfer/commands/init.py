@@ -310,9 +310,9 @@ def init_command(spec: str, out: Optional[Path], width: int, target: Optional[in
         raise UserError("spec", f"{spec!r}: expected hf:<model_type> or package.module:function")
     text = render(draft, spec)
     # validated and planned exactly as `scale --dry-run` would, before anything is written
+    from ..engine.hparams import HParams
     from ..report.explain import explain
     from ..run.recipe import parse_recipe
-    from ..engine.hparams import HParams
 
     recipe = parse_recipe(yaml.safe_load(text), str(out))
     recipe._path = out.resolve()

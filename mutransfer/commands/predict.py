@@ -103,8 +103,9 @@ def _fingerprint(recipe: Recipe, hp: dict, base_width: int, base_depth: Optional
 
 def _cost(recipe: Recipe, width: int, src, steps: int, batch: int) -> tuple[int, float]:
     """(parameters, training FLOPs of one run) at `width`: the dry run's estimate (6·N·tokens without one)."""
-    from ..report.explain import explain
     import warnings
+
+    from ..report.explain import explain
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -297,7 +298,14 @@ def _runs_text(runs: list) -> str:
 
 
 def _train_all(recipe, todo, src, run, device, val, cache, fp, records, console) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not todo:
         return

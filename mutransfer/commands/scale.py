@@ -25,21 +25,21 @@ import torch
 import yaml
 from rich.console import Console
 
-from ..console import literal, make_console
 from ..atomic import clean_stale_temporaries, write_text
+from ..console import literal, make_console
+from ..engine.hparams import HParams
+from ..engine.parametrize import make_optimizer, param_groups
+from ..engine.plan import at_horizon
+from ..errors import UserError
+from ..flags import at_least, warmup_problem
+from ..outputs_guard import check_out_dir, marker
+from ..report.explain import estimate_cost, write_json
+from ..report.loggers import Loggers, check_kinds
 from ..run import checkpoint as C
 from ..run import distributed as D
 from ..run import experiment
-from ..errors import UserError
-from ..flags import at_least, warmup_problem
-from ..report.explain import estimate_cost, write_json
-from ..outputs_guard import check_out_dir, marker
-from ..engine.hparams import HParams
-from ..report.loggers import Loggers, check_kinds
 from ..run.hparams_file import apply_hparams_file, default_path, read_hparams_file
 from ..run.metrics import LiveProgress, MetricsFile, peak_flops
-from ..engine.parametrize import make_optimizer, param_groups
-from ..engine.plan import at_horizon
 from ..run.recipe import Recipe, load_recipe, recipe_to_dict
 from ..run.train import train
 

@@ -14,26 +14,36 @@ import math
 import signal
 import time
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Optional
 
-from ..console import PlainLines, literal, make_console
 from ..atomic import write_json
-from ..outputs_guard import check_output as guard, marker
-from ..report.loggers import Loggers, check_kinds
-from ..signals import available_cpus
-from ..threads import choose as threads_choose
+from ..console import PlainLines, literal, make_console
+from ..engine.hparams import SWEEPABLE
 from ..errors import UserError
 from ..flags import at_least, warmup_problem
-from ..engine.hparams import SWEEPABLE
+from ..outputs_guard import check_output as guard
+from ..outputs_guard import marker
+from ..report.loggers import Loggers, check_kinds
+from ..report.sweep_fit import (
+    TRANSFER_EXIT,
+    Optimum,
+    drift,
+    mean_or_none,
+    optimum,
+    shared_index,
+    transfer,
+    transfer_line,
+    wider_is_better,
+)
 from ..run.recipe import Recipe, recipe_to_dict
 from ..run.result_cache import ResultCache, cache_key
-from ..report.sweep_fit import (Optimum, TRANSFER_EXIT, drift, mean_or_none, optimum, shared_index, transfer,
-                                transfer_line, wider_is_better)
+from ..signals import available_cpus
+from ..threads import choose as threads_choose
 
 PARAMETRIZATIONS = ("mup", "sp")
 # tunables a sweep can vary: positive numbers, so a log2 axis makes sense
@@ -309,8 +319,8 @@ class _Curve:
 
 def run_point(recipe: Recipe, cfg: SweepConfig, point: Point, device: str = "cpu") -> dict:
     """Train one grid point through the shared loop and return its record (loss None if diverged)."""
-    from ..run.experiment import build, data_stream, train_config
     from ..engine.hparams import HParams
+    from ..run.experiment import build, data_stream, train_config
     from ..run.train import train
 
     hp = HParams.from_train(recipe.train).with_values({cfg.param: point.value})
@@ -417,7 +427,14 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
              progress: bool = True) -> dict[Point, dict]:
     """Every point's record: cached ones read back, the rest trained (largest widths first, so
     parallel workers finish together) and cached as they finish."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     fp = fingerprint(recipe, cfg)
     cache_dir = Path(cache_dir) / fp   # one folder per setup: sweeps with other steps/batch keep theirs

@@ -46,8 +46,8 @@ def _run_files(run_dir: Path) -> tuple:
 def _check_run_hparams(p: Path, d: Any, recipe) -> None:
     """A run folder's hparams.yaml (scale wrote it; someone may have edited or damaged it): every field
     `load` and `export` use, typed and in range, before anything is built or written."""
-    from ..run.hparams_file import value_problem
     from ..engine.hparams import TUNABLE_NAMES
+    from ..run.hparams_file import value_problem
     if not isinstance(d, dict):
         raise UserError(str(p), "must be a YAML mapping (scale writes one)")
     for k in ("width", "proxy_width"):

@@ -56,16 +56,17 @@ from ..run.search import (
 )
 from ..run.study import (
     Heartbeat,
+    ask_owned,
     check_journal_file,
     count_finished,
     default_storage,
     fail_stale,
     journal_path,
+    owning,
     release_connections,
     storage_file,
 )
 from ..signals import available_cpus, worker_signals
-from ..run.study import ask_owned, owning
 from ..threads import choose as threads_choose
 from ..threads import configure as threads_configure
 from .tune_options import TuneOptions

@@ -22,7 +22,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-
 from . import spectral
 from .hparams import HParams
 

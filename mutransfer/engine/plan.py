@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..errors import UserError
 from . import depth as depth_rule
 from . import horizon as horizon_rule
 from . import optimizers, spectral
-from ..errors import UserError
 from .hparams import HParams
 from .shapes import Shapes, stack_shape
 

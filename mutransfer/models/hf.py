@@ -43,6 +43,7 @@ TASKS = {
 def _transformers():
     try:
         import transformers
+
         from ..quiet import adopt_logger
         adopt_logger("transformers")      # its warnings counted into one line unless --verbose
     except ImportError:

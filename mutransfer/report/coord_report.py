@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..console import PlainLines, literal, make_console
 from ..atomic import write_via
+from ..console import PlainLines, literal, make_console
+from ..outputs_guard import marker
 from ..run import coord
 from ..run.coord import BLOWUP_SLOPE, VANISH_SLOPE, Result, Settings, to_json
-from ..outputs_guard import marker
 
 COLOURS = {"ok": "green", "blowup": "bold red", "vanishing": "yellow", "mis-scaled": "bold magenta",
            "inconclusive": "bold yellow"}

@@ -13,17 +13,17 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..console import literal, make_console
 from .. import atomic
-from ..run.experiment import data_stream, depth_rule, first_batch, model_args, model_factory, shapes_for
-from ..engine.parametrize import factory_stds
-from ..engine.outputs import select
-from ..outputs_guard import marker
-from ..engine.hparams import HParams
-from ..engine.plan import Plan, make_plan
-from ..run.recipe import Recipe
+from ..console import literal, make_console
 from ..engine import experts as experts_rule
+from ..engine.hparams import HParams
+from ..engine.outputs import select
+from ..engine.parametrize import factory_stds
+from ..engine.plan import Plan, make_plan
 from ..engine.shapes import build_meta, stack_shape
+from ..outputs_guard import marker
+from ..run.experiment import data_stream, depth_rule, first_batch, model_args, model_factory, shapes_for
+from ..run.recipe import Recipe
 from ..run.train import loss_fn
 
 

@@ -27,12 +27,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import experiment
 from ..engine.hparams import HParams
+from . import experiment
 from .recipe import Recipe
+from .slot_optim import trial_optimizer
 from .train import State, evaluate, train
 from .trial_batch import SlotData, SlotSpec, TrialBatch, make_optimizer
-from .slot_optim import trial_optimizer
 
 PENALTY_FALLBACK = 1.0e4       # a diverged trial's value when even its initial validation loss is not finite
 

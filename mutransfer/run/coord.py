@@ -12,11 +12,47 @@ from typing import Callable, Optional
 
 from . import experiment
 from .coord_measure import (  # noqa: F401 - the names users import from run.coord
-    PROBE_SEED, ROOT, Probe, Recorder, Run, Settings, cache_key, check_widths, default_widths, load_run,
-    measure, measure_one, parse_widths, probe_batch, resolve, save_run, training_batches)
+    PROBE_SEED,
+    ROOT,
+    Probe,
+    Recorder,
+    Run,
+    Settings,
+    cache_key,
+    check_widths,
+    default_widths,
+    load_run,
+    measure,
+    measure_one,
+    parse_widths,
+    probe_batch,
+    resolve,
+    save_run,
+    training_batches,
+)
 from .coord_verdict import (  # noqa: F401
-    BLOWUP_SLOPE, EXIT_CODES, FAILING, FLAGS, SPECTRAL_SLOPE, SPECTRAL_STATS, STATS, TAIL, VANISH_SLOPE, Z,
-    Result, Row, band, decide, flag, judged, loglog_slope, matrix_fans, regime_changes, to_json, verdict)
+    BLOWUP_SLOPE,
+    EXIT_CODES,
+    FAILING,
+    FLAGS,
+    SPECTRAL_SLOPE,
+    SPECTRAL_STATS,
+    STATS,
+    TAIL,
+    VANISH_SLOPE,
+    Result,
+    Row,
+    Z,
+    band,
+    decide,
+    flag,
+    judged,
+    loglog_slope,
+    matrix_fans,
+    regime_changes,
+    to_json,
+    verdict,
+)
 from .recipe import Recipe
 
 

@@ -23,16 +23,17 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import experiment
-from ..errors import UserError
-from .coord_attention import AttentionTracer
-from .coord_spectral import SpectralRecorder
 from ..engine.hparams import HParams
 from ..engine.outputs import OutputError, select
 from ..engine.plan import MUP, SP
-from .recipe import Recipe
-from .result_cache import ResultCache, cache_key as _hash
 from ..engine.spectral import OPTIMIZERS
+from ..errors import UserError
+from . import experiment
+from .coord_attention import AttentionTracer
+from .coord_spectral import SpectralRecorder
+from .recipe import Recipe
+from .result_cache import ResultCache
+from .result_cache import cache_key as _hash
 
 ROOT = "<output>"          # name shown for the root module (the model's output)
 PROBE_SEED = 0             # the probe batch: first batch of the validation stream at this seed

@@ -10,19 +10,18 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ..data import BUILTIN_DATA
-from ..models import hf
-from ..errors import UserError
+from ..engine import horizon as horizon_rule
 from ..engine import optimizers
 from ..engine.hparams import HParams
-from ..models import BUILTIN_MODELS
 from ..engine.outputs import OutputError, check_against_targets, select
 from ..engine.parametrize import Parametrized, parametrize
-from ..engine import horizon as horizon_rule
 from ..engine.plan import MUP
-from .recipe import MAX_MODEL_DEPTH, Recipe, depth_arg
-from .user_code import accepts, resolve_factory
 from ..engine.shapes import Shapes, infer_shapes
+from ..errors import UserError
+from ..models import BUILTIN_MODELS, hf
+from .recipe import MAX_MODEL_DEPTH, Recipe, depth_arg
 from .train import TrainConfig
+from .user_code import accepts, resolve_factory
 
 
 def depth_of(recipe: Recipe) -> Optional[int]:

@@ -10,11 +10,11 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import UserError
-from ..yaml_io import load_yaml
-from ..flags import warmup_problem
 from ..engine.hparams import MULTIPLIER_NAMES, SWEEPABLE, TUNABLES, unknown
 from ..engine.spectral import MUON
+from ..errors import UserError
+from ..flags import warmup_problem
+from ..yaml_io import load_yaml
 
 LAYOUTS = ("out_in", "in_out", "embedding", "vector", "fixed", "stacked out_in", "stacked in_out", "stacked vector")
 
@@ -174,7 +174,7 @@ class Train(_Strict):
 
     @model_validator(mode="after")
     def _named_optimizer(self) -> "Train":
-        from .user_code import register_optimizer     # imports the class: UserError names train.optimizer
+        from .user_code import register_optimizer  # imports the class: UserError names train.optimizer
         register_optimizer(self.optimizer, self.optimizer_kind, self.optimizer_args)
         return self
 

@@ -192,6 +192,7 @@ def uninterrupted(storage):
     waited for it: the workers of an interrupted tune hung.) The object keeps its class, so Optuna
     sees the storage it expects."""
     import functools
+
     from ..signals import deferred_interrupts
 
     def wrap(fn):
@@ -214,6 +215,7 @@ def owned_journal_lock(path: str):
     in the file: a lock left by a killed process of this machine is taken over at once instead of
     after Optuna's 30 s grace period (which still applies to owners elsewhere or unknown)."""
     import os
+
     from optuna.storages.journal import JournalFileOpenLock
 
     class OwnedLock(JournalFileOpenLock):
