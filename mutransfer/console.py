@@ -3,6 +3,8 @@ a fixed 160 columns so tables keep their columns. Text lines (paths, messages) n
 printed with soft_wrap, so a path can be copied from a log whole."""
 from __future__ import annotations
 
+from typing import Optional
+
 from rich.console import Console
 from rich.progress import ProgressColumn
 from rich.text import Text
@@ -17,6 +19,22 @@ def hms(seconds: float) -> str:
         return "-:--:--"
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_bar(label: str, console: Optional[Console] = None, disable: bool = False):
+    """The bar long work shows: LABEL, bar, done/total, elapsed, remaining, the current item."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    cols = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"))
+    return Progress(*cols, console=console, disable=disable, transient=False)
 
 
 def make_console(stderr: bool = False, **kw) -> Console:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import write_json
-from ..console import PlainLines, make_console
+from ..console import PlainLines, make_console, progress_bar
 from ..errors import UserError
 from ..outputs_guard import check_output, marker
 from ..report.predict_fit import FIT_ON, check_ladder, fit_ladder
@@ -298,21 +298,10 @@ def _runs_text(runs: list) -> str:
 
 
 def _train_all(recipe, todo, src, run, device, val, cache, fp, records, console) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     if not todo:
         return
     todo = sorted(todo, key=lambda p: (p[0], p[1]))
-    cols = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.description}"))
-    with Progress(*cols, console=console, transient=False) as bar:
+    with progress_bar("[bold]predict", console=console) as bar:
         task = bar.add_task("", total=sum(run[w][0] for w, _ in todo))
         plain = PlainLines(console, "predict: runs", len(todo))
         for i, (w, s) in enumerate(todo):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..atomic import write_json
-from ..console import PlainLines, literal, make_console
+from ..console import PlainLines, literal, make_console, progress_bar
 from ..engine.hparams import SWEEPABLE
 from ..errors import UserError
 from ..flags import at_least, warmup_problem
@@ -427,15 +427,6 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
              progress: bool = True) -> dict[Point, dict]:
     """Every point's record: cached ones read back, the rest trained (largest widths first, so
     parallel workers finish together) and cached as they finish."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     fp = fingerprint(recipe, cfg)
     cache_dir = Path(cache_dir) / fp   # one folder per setup: sweeps with other steps/batch keep theirs
     results: dict[Point, dict] = {}
@@ -457,9 +448,7 @@ def run_grid(recipe: Recipe, cfg: SweepConfig, cache_dir: Path, workers: int = 1
     twins = {p: t for p, t in twins.items() if t in grid}
     todo = [p for p in todo if p not in twins]
     todo.sort(key=lambda p: (-p.width, p.parametrization, p.value, p.seed))
-    cols = (TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.description}"))
-    with Progress(*cols, disable=not progress, transient=False) as bar:
+    with progress_bar("sweep", disable=not progress) as bar:
         task = bar.add_task("", total=len(cfg.points()), completed=len(results))
         plain = PlainLines(bar.console, "sweep: points", len(cfg.points()), len(results)) if progress else None
 

@@ -138,8 +138,13 @@ def param_groups(model: nn.Module, plan: Plan) -> list[dict]:
     """Optimizer parameter groups: parameters sharing (lr, weight_decay, eps) go in one group, so
     fused/foreach kernels see few groups. Each group carries `initial_lr` for schedules and the names
     of its parameters under `names`."""
+    return groups_of(model.named_parameters(), plan)
+
+
+def groups_of(named_params, plan: Plan) -> list[dict]:
+    """param_groups over any (name, parameter) pairs (a model's, or one stacked trial's views)."""
     groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
+    for name, p in named_params:
         if not p.requires_grad:
             continue
         pp = plan.params[name]

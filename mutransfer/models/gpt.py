@@ -66,9 +66,9 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def gpt(width: int, layers: int = 2, heads: int | None = None, head_dim: int | None = None, vocab: int = 256,
-        seq_len: int = 64, mlp_ratio: int = 4, attn_mult: float = 1.0, tied: bool = False,
-        bias: bool = True) -> GPT:
+def resolve_heads(width: int, heads: int | None, head_dim: int | None, layers: int, vocab: int, seq_len: int) -> int:
+    """The head count from `heads` or `head_dim` (default 4 heads), checked against the width; the other
+    sizes checked >= 1. Shared by the built-in transformers (gpt, moe-gpt)."""
     if (heads is None) == (head_dim is None):
         if heads is None:
             heads = 4
@@ -82,4 +82,11 @@ def gpt(width: int, layers: int = 2, heads: int | None = None, head_dim: int | N
         raise UserError("model.args.heads", f"heads ({heads}) must divide the width ({width})")
     if layers < 1 or vocab < 1 or seq_len < 1:
         raise UserError("model.args", "layers, vocab and seq_len must be >= 1")
+    return heads
+
+
+def gpt(width: int, layers: int = 2, heads: int | None = None, head_dim: int | None = None, vocab: int = 256,
+        seq_len: int = 64, mlp_ratio: int = 4, attn_mult: float = 1.0, tied: bool = False,
+        bias: bool = True) -> GPT:
+    heads = resolve_heads(width, heads, head_dim, layers, vocab, seq_len)
     return GPT(width, layers, heads, vocab, seq_len, mlp_ratio, attn_mult, tied, bias)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .gpt import Attention
+from .gpt import Attention, resolve_heads
 
 
 class MoE(nn.Module):
@@ -113,19 +113,7 @@ def moe_gpt(width: int, layers: int = 2, heads: int | None = None, head_dim: int
             capacity_factor: float = 1.25, normalize: bool = True, attn_mult: float = 1.0) -> MoEGPT:
     """experts of hidden size expert_ratio x width (grows with width: the width rule applies per
     expert); top_k experts per token, their gates renormalised to sum to 1 unless normalize is false."""
-    if (heads is None) == (head_dim is None):
-        if heads is None:
-            heads = 4
-        else:
-            raise UserError("model.args", "give either heads or head_dim, not both")
-    if head_dim is not None:
-        if head_dim < 1 or width % head_dim:
-            raise UserError("model.args.head_dim", f"head_dim ({head_dim}) must divide the width ({width})")
-        heads = width // head_dim
-    if heads < 1 or width % heads:
-        raise UserError("model.args.heads", f"heads ({heads}) must divide the width ({width})")
-    if layers < 1 or vocab < 1 or seq_len < 1:
-        raise UserError("model.args", "layers, vocab and seq_len must be >= 1")
+    heads = resolve_heads(width, heads, head_dim, layers, vocab, seq_len)
     if experts < 1 or not 1 <= top_k <= experts:
         raise UserError("model.args.top_k", f"need 1 <= top_k <= experts, got top_k={top_k}, experts={experts}")
     if not capacity_factor > 0 or not expert_ratio > 0:

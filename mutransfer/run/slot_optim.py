@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..engine.parametrize import make_optimizer
+from ..engine.parametrize import groups_of, make_optimizer
 
 
 class PerSlotOptimizer:
@@ -39,21 +39,7 @@ class PerSlotOptimizer:
         slot = self.batch.live[row]
         plan, hp = self.batch.plans[slot], self.batch.hps[slot]
         params = self._params(row)
-        groups: dict[tuple, dict] = {}
-        for name, p in params.items():
-            if not p.requires_grad:
-                continue
-            pp = plan.params[name]
-            g = groups.setdefault((pp.lr, pp.weight_decay, pp.eps, pp.optimizer),
-                                  {"params": [], "names": [], "lr": pp.lr, "initial_lr": pp.lr,
-                                   "weight_decay": pp.weight_decay})
-            if pp.optimizer is not None:
-                g["optimizer"] = pp.optimizer
-            if pp.eps is not None:
-                g["eps"] = pp.eps
-            g["params"].append(p)
-            g["names"].append(name)
-        return make_optimizer(list(groups.values()), self.optimizer, hp)
+        return make_optimizer(groups_of(params.items(), plan), self.optimizer, hp)
 
     def _rebind(self, opt, row: int) -> None:
         """Point an instance at its row of a new flat tensor, keeping its state (keyed by parameter)."""
