@@ -364,14 +364,30 @@ def _run_local_workers(opts: TuneOptions, bar: Progress, task, study: optuna.Stu
         deadline = time.time() + 3
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)   # SIGINT may be inherited as ignored (a background job)
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+        # SIGINT may be inherited as ignored (a background job): SIGTERM them. An interrupt that lands in a
+        # finaliser (e.g. SQLAlchemy's, while a worker is still importing) is swallowed by Python, so a
+        # worker still alive is signalled again every few seconds, and killed after 30 s
+        end, last = time.time() + 30, 0.0
+        while time.time() < end and any(p.is_alive() for p in procs):
+            if time.time() - last >= 5:
+                last = time.time()
+                for p in procs:
+                    if p.is_alive():
+                        try:
+                            os.kill(p.pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+            for p in procs:
+                p.join(timeout=0.5)
+        killed = [p for p in procs if p.is_alive()]
+        for p in killed:
+            p.kill()
+            p.join(10)
+        if killed:        # their trials cannot be told FAIL by their owners: fail them here (owner gone)
+            try:
+                fail_stale(study, grace_period=float("inf"))
+            except Exception:  # noqa: BLE001 - the rerun fails them at once (dead owner) anyway
+                pass
         raise
     return [p.exitcode for p in procs]
 
