@@ -162,16 +162,12 @@ def scale(
             from .run.experiment import at_depth
             r = at_depth(r, depth if depth is not None else r.depths.target)
         src = resolve_hparams(r, str(hparams) if hparams else None)    # exactly as the run resolves them
-        make_console(highlight=False).print(f"[bold]hparams[/]: {literal(src.source)}")
-        from .commands.scale import horizon_line, horizon_of
+        from .commands.scale import horizon_lines, horizon_of
         from .run.experiment import target_run
-        hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))
-        if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
-            make_console(highlight=False).print(horizon_line(hz, r))
-            from .commands.scale import decay_note
-            note = decay_note(hz, src.hparams, r.train.optimizer)
-            if note:
-                make_console(highlight=False).print(note)
+        hz = horizon_of(r, src, *target_run(r, w, steps, batch_size))     # bad input fails before any output
+        make_console(highlight=False).print(f"[bold]hparams[/]: {literal(src.source)}")
+        for line in horizon_lines(hz, r, src.hparams):
+            make_console(highlight=False).print(line)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             plan, shapes, cost = explain(r, w, src.hparams, base_width=src.base_width, base_depth=src.base_depth,

@@ -24,9 +24,8 @@ from mutransfer.commands.sweep import Point
 from mutransfer.run.study import open_storage, repair_journal
 from mutransfer.run.user_code import resolve_factory
 
-from helpers import cli_in  # tests/ is on sys.path (pytest's rootdir-relative import)
+from helpers import cli_in, one_line, subprocess_env  # tests/ is on sys.path (pytest's rootdir-relative import)
 
-REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
 
 
@@ -54,16 +53,10 @@ def snapshot(folder: Path) -> dict:
 cli = cli_in
 
 def one_line_exit_2(res, *needles):
-    assert res.exit_code == 2, res.output
-    line = res.output.strip()
-    assert "\n" not in line and "Traceback" not in line, line
-    for n in needles:
-        assert n in line, line
-    return line
+    return one_line(res, 2, *needles)
 
 
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{HERE}")
+env = subprocess_env
 
 
 def spawn(tmp: Path, *args) -> subprocess.Popen:

@@ -22,8 +22,8 @@ from mutransfer.run import study as S
 from mutransfer.signals import deferred_interrupts
 
 from helpers import cli_in as cli
+from helpers import one_line, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -58,17 +58,7 @@ def snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def one_line(res, code=2, *needles):
-    assert res.exit_code == code, res.output
-    line = res.output.strip()
-    assert "\n" not in line and "Traceback" not in line, line
-    for n in needles:
-        assert n in line, line
-    return line
-
-
-def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{HERE}")
+env = subprocess_env
 
 
 def _own_group():

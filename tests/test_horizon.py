@@ -18,6 +18,8 @@ from mutransfer.report.horizon_fit import fit_exponent, is_early, loss_at, trans
 from mutransfer.run.experiment import horizon_factors, shapes_for, target_run
 from mutransfer.run.recipe import parse_recipe
 
+from helpers import one_line
+
 TINY = {
     "name": "tiny-h",
     "model": {"factory": "builtin:mlp", "args": {"vocab": 256, "context": 4, "out_dim": 256, "depth": 2}},
@@ -164,6 +166,17 @@ def test_transfer_gap():
     ({"stepz": 10}, "target.stepz"),
     ({"measure": {"horizons": [200]}}, "target.measure.horizons"),
     ({"horizon_exponent": 9}, "target.horizon_exponent"),
+    ({"batch_exponent": -5}, "target.batch_exponent"),
+    ({"tokens_per_param": -1}, "target.tokens_per_param"),
+    ({"count": "some"}, "target.count"),
+    ({"warmup": "sometimes"}, "target.warmup"),
+    ({"eps": "cube"}, "target.eps"),
+    ({"betas": "wild"}, "target.betas"),
+    ({"rules": "maybe"}, "target.rules"),
+    ({"measure": {"points": 2}}, "target.measure.points"),
+    ({"measure": {"seeds": 0}}, "target.measure.seeds"),
+    ({"measure": {"batch_sizes": [0, 16]}}, "target.measure.batch_sizes"),
+    ({"measure": {"horizonz": [1, 2]}}, "target.measure.horizonz"),
 ])
 def test_bad_target_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, target, where):
     monkeypatch.chdir(tmp_path)
@@ -172,6 +185,27 @@ def test_bad_target_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, ta
     assert res.exit_code == 2, res.output
     assert where in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["scale", "r.yaml", "--batch-size", "0"], "--batch-size"),
+    (["scale", "r.yaml", "--dry-run", "--batch-size", "-4"], "--batch-size"),
+    (["sweep", "r.yaml", "--batch-sizes", "16"], "--batch-sizes"),
+    (["sweep", "r.yaml", "--batch-sizes", "0,16"], "--batch-sizes"),
+    (["sweep", "r.yaml", "--batch-sizes", "8,x"], "--batch-sizes"),
+    (["sweep", "r.yaml", "--horizons", "12,abc"], "--horizons"),
+    (["sweep", "r.yaml", "--horizons", "0,12"], "--horizons"),
+    (["sweep", "r.yaml", "--batch-sizes", "8,16", "--equal", "tokens"], "--equal"),
+    (["sweep", "r.yaml", "--horizons", "12,24", "--equal", "samples"], "--equal"),
+    (["sweep", "r.yaml", "--horizons", "12,24", "--batch-sizes", "8,16"], "--batch-sizes"),
+    (["sweep", "r.yaml", "--horizons", "12,24", "--width", "0"], "--width"),
+])
+def test_bad_horizon_flags_are_one_line_exit_2_nothing_written(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**TINY, "target": {"steps": 24}}))
+    res = CliRunner().invoke(app, [*args, "--device", "cpu"] if args[0] == "scale" else args)
+    one_line(res, 2, needle)
     assert not (tmp_path / "runs").exists()
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from ..engine.hparams import MULTIPLIER_NAMES
 from ..report.horizon_fit import ExponentFit, fit_exponent, is_early
+from ..report.sweep_fit import mean_or_none, optimum
 from ..run.recipe import Recipe
 from .sweep import Point, SweepConfig, make_config, run_grid
 
@@ -48,17 +49,15 @@ def default_horizons(steps: int) -> list[int]:
 
 def _grid(center: float, points: int, lo_extra: int = 0, hi_extra: int = 0) -> list[float]:
     """Half-octave steps around `center`, biased low (longer runs want lower LRs): from
-    -(points - 2)/2 to +1 octave, plus extensions."""
-    ks = list(range(-(points - 2) - lo_extra, 2 + hi_extra + 0))
+    -(points - 2)/2 to +1/2 octave, plus extensions."""
+    ks = list(range(-(points - 2) - lo_extra, 2 + hi_extra))
     return [center * 2.0 ** (k / 2) for k in ks]
 
 
 def _ladder(recipe: Recipe, along: str, ladder: list[int], center: float, points: int, seeds: int,
-            cache: Path, workers: int, device: str, progress: bool) -> tuple[dict, float, list[float]]:
+            cache: Path, workers: int, device: str, progress: bool) -> tuple[dict, float]:
     """Run the line searches; extend the grid while the mean curve's optimum sits at an edge at any rung."""
     lo = hi = 0
-    from ..report.sweep_fit import mean_or_none, optimum
-
     seconds = 0.0
     while True:
         values = _grid(center, points, lo, hi)
@@ -77,7 +76,7 @@ def _ladder(recipe: Recipe, along: str, ladder: list[int], center: float, points
             elif o.at_edge:
                 high_edge = True
         if not (low_edge or high_edge) or lo + hi >= MAX_EXTEND:
-            return {"cfg": cfg, "results": res, "xs": xs}, seconds, list(cfg.values)
+            return {"cfg": cfg, "results": res, "xs": xs}, seconds
         lo, hi = lo + int(low_edge), hi + int(high_edge)
 
 
@@ -113,7 +112,7 @@ def measure(recipe: Recipe, params: dict[str, Any], folder: Path, workers: int =
                                            "width": r.widths.proxy}}
     say(f"measuring the LR's horizon exponent on the proxy: horizons {','.join(map(str, horizons))} steps, "
         f"{m.points}+ LRs around {center:.3g}, {m.seeds} seed(s)")
-    run, secs, _ = _ladder(r, "horizon", horizons, center, m.points, m.seeds, folder / "horizon-ladder",
+    run, secs = _ladder(r, "horizon", horizons, center, m.points, m.seeds, folder / "horizon-ladder",
                            workers, device, progress)
     fit = _fit(run, -1.0)
     out["horizon_fit"] = fit.to_json()
@@ -128,7 +127,7 @@ def measure(recipe: Recipe, params: dict[str, Any], folder: Path, workers: int =
     if m.batch_sizes:
         bs = sorted(set(m.batch_sizes))
         say(f"measuring the LR's batch exponent at {r.train.steps} steps: batch sizes {','.join(map(str, bs))}")
-        brun, bsecs, _ = _ladder(r, "batch", bs, center, m.points, m.seeds, folder / "batch-ladder", workers,
+        brun, bsecs = _ladder(r, "batch", bs, center, m.points, m.seeds, folder / "batch-ladder", workers,
                                  device, progress)
         bfit = _fit(brun, 1.0)
         out["batch_fit"] = bfit.to_json()

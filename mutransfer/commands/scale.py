@@ -143,6 +143,15 @@ def horizon_of(recipe: Recipe, src: HParamsSource, steps: int, batch: int):
     return experiment.horizon_factors(recipe, steps, batch, p_steps, p_batch, measured)
 
 
+def horizon_lines(hz, recipe: Recipe, hp: HParams) -> list[str]:
+    """What scale and its dry run say about the horizon and batch axes: nothing when the target trains
+    as the proxy did, else the factors and, where it applies, the decay warning."""
+    if hz.identity and hz.proxy.steps == hz.target.steps and hz.proxy.batch == hz.target.batch:
+        return []
+    note = decay_note(hz, hp, recipe.train.optimizer)
+    return [horizon_line(hz, recipe)] + ([note] if note else [])
+
+
 def decay_note(hz, hp: HParams, optimizer: str) -> Optional[str]:
     """A warning when the tau rule moves a weight decay the proxy could hardly measure."""
     from ..engine import horizon as H
@@ -307,11 +316,8 @@ def _run(o: ScaleOptions, recipe: Recipe, width: int, steps: int, batch: int, d:
         out_console.print(msg, highlight=False, soft_wrap=True)
 
     say(f"[bold]hparams[/]: {literal(src.source)}")
-    if not hz.identity or hz.proxy.steps != hz.target.steps or hz.proxy.batch != hz.target.batch:
-        say(horizon_line(hz, recipe))
-        note = decay_note(hz, src.hparams, t.optimizer)
-        if note:
-            say(note)
+    for line in horizon_lines(hz, recipe, src.hparams):
+        say(line)
     if o.resume and ckpt is None:
         say(f"[yellow]--resume[/]: no checkpoint in {literal(ck_dir)}, starting from step 0")
     if ckpt is not None:

@@ -239,8 +239,9 @@ def _horizon_config(recipe: Recipe, widths, values, param, parametrization, seed
                     width, horizons, batch_sizes, equal) -> SweepConfig:
     """--horizons (steps) or --batch-sizes at one width: the horizon and batch rule against none."""
     flag = "--horizons" if horizons is not None else "--batch-sizes"
-    for other, name in ((widths, "--widths"), (depths, "--depths"), (horizons if batch_sizes is not None else None,
-                                                                     "--horizons")):
+    if horizons is not None and batch_sizes is not None:
+        raise UserError("--batch-sizes", "give one axis: --horizons or --batch-sizes, not both")
+    for other, name in ((widths, "--widths"), (depths, "--depths")):
         if other is not None:
             raise UserError(flag, f"give one axis: {flag} or {name}, not both")
     ladder = horizons if horizons is not None else batch_sizes
@@ -257,8 +258,6 @@ def _horizon_config(recipe: Recipe, widths, values, param, parametrization, seed
     if fixed < 1:
         raise UserError("--width", f"must be >= 1, got {fixed}")
     base = make_config(recipe, [fixed], values, param, parametrization, seeds, steps, batch_size)
-    if horizons is not None and any(h <= recipe.train.warmup for h in ladder):
-        pass   # the rule moves warmup with the horizon; the no-rule arm's fixed warmup is checked below
     cfg = SweepConfig(**{**base.__dict__, "widths": tuple(sorted(set(int(v) for v in ladder))),
                          "along": "horizon" if horizons is not None else "batch", "fixed_width": fixed, "equal": eq})
     for v in cfg.widths:

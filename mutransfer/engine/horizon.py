@@ -192,7 +192,6 @@ def factors(optimizer: str, proxy: Run, target: Run, rules: Rules = Rules(),
     """Every factor from the proxy's run to the target's. Exponents: the recipe's, else the ones
     measured on the proxy, else the documented defaults. rules.enabled False: all 1 (today's transfer)."""
     _positive(proxy_steps=proxy.steps, proxy_batch=proxy.batch, steps=target.steps, batch=target.batch)
-    opt = "adamw" if optimizer == "muon" else optimizer
     if rules.horizon_exponent is not None:
         gamma, src = rules.horizon_exponent, "recipe"
     elif measured_horizon is not None:
@@ -210,13 +209,13 @@ def factors(optimizer: str, proxy: Run, target: Run, rules: Rules = Rules(),
                        warmup_steps(proxy.warmup, proxy.steps, target.steps, "fixed"), "off")
     h = horizon_lr_ratio(proxy.steps, target.steps, gamma)
     b = batch_lr_ratio(proxy.batch, target.batch, beta)
-    adam = opt in ADAM_LIKE
+    adam = optimizer in ADAM_LIKE
     b1 = b2 = None
     if adam and rules.betas != "keep" and target.batch != proxy.batch:
         b1 = beta_at_batch(betas[0], proxy.batch, target.batch, rules.betas)
         b2 = beta_at_batch(betas[1], proxy.batch, target.batch, rules.betas)
     return Factors(
         proxy, target, gamma, beta, h, b,
-        decay_ratio(opt if optimizer != "muon" else "muon", h * b, proxy.steps, target.steps, rules.decay),
+        decay_ratio(optimizer, h * b, proxy.steps, target.steps, rules.decay),
         eps_ratio(proxy.batch, target.batch, rules.eps) if adam else 1.0,
         b1, b2, warmup_steps(proxy.warmup, proxy.steps, target.steps, rules.warmup), src)
